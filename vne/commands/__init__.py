@@ -1,0 +1,1 @@
+"""Subcommands of the ``vne`` CLI, one module each (see vne/cli.py)."""

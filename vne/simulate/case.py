@@ -1,0 +1,289 @@
+"""One synthetic HCM exam: native cine, ShMOLLI/MOLLI IR images and T1 map, PSIR LGE, truth.
+
+:func:`simulate_case` is deterministic per (seed, case index) and returns the images as a
+scanner would deliver them (:class:`vne.exam.MRImage`, with roles, geometry and Siemens- or
+Gadgetron-style meta in one of several spellings) and the ground truth per slice on the T1 grid.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..exam import Geometry, MRImage, Role
+from ..t1 import fit_t1
+from . import anatomy, signals, tissue
+from .anatomy import T, TISSUES
+from .scanner import HeartFrame, acquire, coil_shading, local_coordinates, sample_short_axis, scan_geometry, smooth_phase
+
+SIMULATOR_VERSION = "1.0"
+SLICE_LEVELS = ("basal", "mid", "apical")
+DIASTOLE_PHASE = 0.75  # T1 mapping and LGE are triggered in mid-diastole
+
+
+@dataclass
+class SliceTruth:
+    """Ground truth of one slice on the T1 grid (masks (H, W) bool)."""
+
+    slice_index: int
+    level: str
+    myocardium: np.ndarray
+    blood_pool: np.ndarray
+    remote: np.ndarray
+    lesion: np.ndarray
+    fibrosis: np.ndarray  # (H, W) float fibrosis fraction
+    lesion_burden: float  # lesion area / myocardium area
+    lge_clean: np.ndarray  # (H, W) artefact-free, registered PSIR on the T1 grid
+    lge_artefacts: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SimulatedCase:
+    case_id: str
+    patient_id: str
+    study_uid: str
+    frame_of_reference_uid: str
+    field_t: float
+    scheme: str
+    phenotype: str
+    lesion_free: bool
+    heart_rate_bpm: float
+    images: list[MRImage]
+    truth: list[SliceTruth]
+    meta_style: str
+
+    @property
+    def lesion_burden(self) -> float:
+        """Patient burden: sum of lesion areas / sum of myocardium areas over all slices."""
+        myo = sum(int(t.myocardium.sum()) for t in self.truth)
+        return sum(int(t.lesion.sum()) for t in self.truth) / max(myo, 1)
+
+
+def _uid(*parts) -> str:
+    """A deterministic DICOM-style UID from the given parts."""
+    h = int(hashlib.sha1("/".join(map(str, parts)).encode()).hexdigest()[:24], 16)
+    return f"1.2.826.0.1.3680043.10.1089.{h}"
+
+
+# Series descriptions in the spellings seen on scanners; one set is drawn per case.
+_NAMES = {
+    "cine": ("cine_tf2d_SAX", "CINE_segmented_SAX", "SAX_cine_retro", "cine_bSSFP_sax", "tf2d15_retro_SAX"),
+    "shmolli": ("ShMOLLI_192i_e11", "ShMOLLI_192i", "ShMOLLI_SAX_192i_e11"),
+    "molli": ("MOLLI_5(3)3_192i", "T1_MOLLI_SAX", "MOLLI_SAX_5(3)3"),
+    "lge": ("LGE_PSIR_SAX", "de_psir_tfl_SAX", "PSIR_SAX_10min", "LGE_SAX_PSIR"),
+}
+
+
+def simulate_case(seed: int, index: int, field_t: float | None = None) -> SimulatedCase:
+    """Simulate case ``index`` of the set drawn with ``seed``.
+
+    Args:
+        field_t: 1.5 or 3; drawn at random (70% 1.5 T) when None.
+    """
+    rng = np.random.default_rng([seed, index, 20210])
+    if field_t is None:
+        field_t = 1.5 if rng.random() < 0.7 else 3.0
+    phenotype = str(rng.choice(anatomy.PHENOTYPES, p=(0.15, 0.4, 0.25, 0.2)))
+    hcm = phenotype != "normal"
+    lesion_free = (not hcm) or rng.random() < 0.3
+    case_id = f"sim{seed:04d}-{index:05d}"
+    patient_id = f"VNE-SIM-{seed:04d}-{index:05d}"
+    study_uid = _uid("study", seed, index)
+    for_uid = _uid("for", seed, index)
+    tis = tissue.sample_tissue(rng, field_t, hcm)
+    hr = float(rng.uniform(50, 100))
+    rr = 60000.0 / hr
+    scheme = signals.shmolli_scheme(rng.uniform(95, 110)) if rng.random() < 0.85 else signals.molli_scheme(rng.uniform(95, 110))
+    meta_style = str(rng.choice(("siemens", "siemens_lower", "gadgetron")))
+    names = {k: str(rng.choice(v)) for k, v in _NAMES.items()}
+    t1_name = names["shmolli" if scheme.name == "ShMOLLI" else "molli"]
+
+    n_slices = int(rng.choice((1, 2, 3), p=(0.2, 0.2, 0.6)))
+    levels = [SLICE_LEVELS[k] for k in sorted(rng.choice(3, n_slices, replace=False))]
+    normal, e_u, e_v = sample_short_axis(rng)
+    heart_centre = rng.normal(0, 25, 3)
+    gap = rng.uniform(10, 20)
+
+    # One protocol per case: grids differ between scans, as on real scanners.
+    t1_spacing = float(rng.choice((0.9375, rng.uniform(0.85, 1.45))))
+    t1_fov = rng.uniform(300, 380)
+    t1_aspect = float(rng.choice((0.75, rng.uniform(0.7, 0.9))))
+    cine_spacing = rng.uniform(1.4, 2.0)
+    cine_fov, cine_aspect = rng.uniform(300, 380), rng.uniform(0.7, 0.95)
+    lge_spacing = float(rng.choice((rng.uniform(1.4, 1.5), rng.uniform(0.7, 0.8))))
+    lge_fov, lge_aspect = rng.uniform(300, 380), rng.uniform(0.7, 0.95)
+    n_phases = int(rng.integers(25, 31))
+    cine_flip = rng.uniform(45, 60)
+    plane_rot = rng.uniform(-np.pi, np.pi)
+
+    images: list[MRImage] = []
+    truth: list[SliceTruth] = []
+    shared = dict(study_uid=study_uid, frame_of_reference_uid=for_uid, patient_id=patient_id, rr_interval_ms=rr)
+    for s, level in enumerate(levels):
+        offset = (SLICE_LEVELS.index(level) - 1) * gap
+        frame = HeartFrame(heart_centre + offset * normal + rng.normal(0, 2, 3) * 0.3, e_u, e_v)
+        heart = anatomy.sample_heart(rng, phenotype, level, lesion_free)
+        rot = plane_rot + (rng.normal(0, 0.05) if rng.random() < 0.7 else rng.uniform(-np.pi, np.pi))
+
+        # --- T1 mapping: IR magnitude + phase, then the project's own fit -> T1 map
+        g_t1 = scan_geometry(frame, rng, spacing_mm=t1_spacing, fov_x_mm=t1_fov, aspect=t1_aspect, rotation_rad=rot)
+        u, v = local_coordinates(g_t1, frame)
+        fr, fib, _ = anatomy.tissue_fractions(heart, u, v, DIASTOLE_PHASE, t1_spacing)
+        texture = anatomy._smooth_texture(u, v, heart.texture_seed + 1, 12.0)
+        shade = coil_shading(u, v, rng, rng.uniform(0.3, 0.8))
+        acq_t1 = (min(1.0, t1_spacing / rng.uniform(1.8, 2.1)),) * 2
+        rr_beats = rr * (1 + rng.normal(0, 0.04, scheme.n_beats))
+        ll_rate = 1.0 / rng.uniform(900, 1800)  # readout-driven Look-Locker rate
+        inv_eff = rng.uniform(0.975, 0.995)
+        t1_true, t2_map, pd_map, ecv_map = _property_maps(tis, fr, fib, texture)
+        samples, ti_ms = signals.look_locker_samples(t1_true, pd_map, scheme, rr_beats, readout_rate_per_ms=ll_rate, inversion_efficiency=inv_eff)
+        snr = rng.uniform(25, 60)
+        sigma = 1.0 / snr
+        bg_phase = smooth_phase(u, v, rng)
+        gain_ir = rng.uniform(40, 200)
+        mags, phs = [], []
+        for k in range(samples.shape[0]):
+            z = acquire(samples[k] * shade * np.exp(1j * bg_phase), rng, acquired_fraction=acq_t1, noise_sigma=sigma)
+            mags.append(np.abs(z) * gain_ir)
+            phs.append(np.angle(z))
+        mags, phs = np.stack(mags), np.stack(phs)
+        body = fr[T["air"]] < 0.5  # the scanner map is zero in air; fitting only the body halves the cost
+        fit = fit_t1(mags, ti_ms, ir_phase=phs, scheme="shmolli" if scheme.name == "ShMOLLI" else "molli",
+                     rr_interval_ms=rr, mask=body)
+        t1_map = np.where(fit.t1_ms > 0, fit.t1_ms, 0.0).astype(np.float32)
+        ir_order = np.argsort(ti_ms, kind="stable")
+        for n, k in enumerate(ir_order):
+            for role, px in ((Role.IR_MAGNITUDE, mags[k]), (Role.IR_PHASE, phs[k])):
+                images.append(MRImage(
+                    pixels=px.astype(np.float32), geometry=g_t1, role=role, series_description=t1_name,
+                    inversion_time_ms=float(round(ti_ms[k])), trigger_time_ms=400.0, source=case_id,
+                    meta={"slice": s, "contrast": int(k), "scheme": scheme.name}, **shared))
+        images.append(MRImage(pixels=t1_map, geometry=g_t1, role=Role.T1_MAP, series_description=f"{t1_name}_T1MAP",
+                              trigger_time_ms=400.0, source=case_id, meta={"slice": s, "scheme": scheme.name}, **shared))
+
+        # --- cine: bSSFP through the cycle, its own grid
+        g_cine = scan_geometry(frame, rng, spacing_mm=cine_spacing, fov_x_mm=cine_fov, aspect=cine_aspect,
+                               rotation_rad=rot + (0 if rng.random() < 0.6 else rng.normal(0, 0.3)),
+                               through_plane_mm=rng.uniform(-2.5, 2.5))
+        uc, vc = local_coordinates(g_cine, frame)
+        bg = anatomy.background_fractions(heart, uc, vc, cine_spacing)
+        tex_c = anatomy._smooth_texture(uc, vc, heart.texture_seed + 1, 12.0)
+        shade_c = coil_shading(uc, vc, rng, rng.uniform(0.3, 0.8))
+        cnr = rng.uniform(25, 60)
+        gain_c = rng.uniform(200, 1500)
+        k_b, k_m = T["lv_blood"], T["lv_myocardium"]
+        sb = signals.bssfp_signal(tis.t1_ms[k_b], tis.t2_ms[k_b], tis.pd[k_b], cine_flip, 1.5)
+        sm = signals.bssfp_signal(tis.t1_ms[k_m], tis.t2_ms[k_m], tis.pd[k_m], cine_flip, 1.5)
+        cine_sigma = (sb - sm) / cnr
+        # only the heart moves: the static background signal is computed once
+        near = np.hypot(uc, vc) < anatomy.heart_radius_mm(heart)
+        sig_static = signals.bssfp_signal(*_property_maps(tis, bg, np.zeros(uc.shape, np.float32), tex_c)[:3], cine_flip, 1.5)
+        bg_near, u_near, v_near, tex_near = bg[:, near], uc[near], vc[near], tex_c[near]
+        cine_acq = (rng.uniform(0.8, 1.0), 1.0)
+        for p in range(n_phases):
+            ph = p / n_phases
+            fr_near = bg_near.copy()
+            fib_near, _ = anatomy._paint_heart(heart, u_near, v_near, ph, cine_spacing, fr_near)
+            t1c, t2c, pdc, _ = _property_maps(tis, fr_near, fib_near, tex_near)
+            sig = sig_static.copy()
+            sig[near] = signals.bssfp_signal(t1c, t2c, pdc, cine_flip, 1.5)
+            z = acquire(sig * shade_c, rng, acquired_fraction=cine_acq, noise_sigma=cine_sigma)
+            images.append(MRImage(
+                pixels=(np.abs(z) * gain_c / max(sb, 1e-6)).astype(np.float32), geometry=g_cine, role=Role.CINE,
+                series_description=names["cine"], trigger_time_ms=float(round(ph * rr, 1)), source=case_id,
+                meta={"slice": s, "phase": p}, **shared))
+
+        # --- LGE: PSIR ~10 min after gadolinium, with misregistration, TI errors, ghosts
+        moved = frame.moved(rng.normal(0, 1.5, 2), rng.normal(0, np.deg2rad(2)))
+        g_lge = scan_geometry(moved, rng, spacing_mm=lge_spacing, fov_x_mm=lge_fov, aspect=lge_aspect,
+                              rotation_rad=rot + (0 if rng.random() < 0.7 else rng.normal(0, 0.3)),
+                              through_plane_mm=rng.uniform(-2.0, 2.0))
+        # the LGE grid is defined in the scanner frame, the heart moved: evaluate with `moved`
+        artefacts: list[str] = []
+        k_m = T["lv_myocardium"]
+        myo_post = float(tissue.post_contrast_t1_ms(tis, tis.t1_ms[k_m], tis.ecv[k_m]))
+        ti_null = signals.psir_null_ti_ms(myo_post, rr)
+        ti_err = rng.normal(0, 10) if rng.random() < 0.75 else rng.choice((-1, 1)) * rng.uniform(30, 80)
+        if abs(ti_err) >= 30:
+            artefacts.append(f"TI mis-set by {ti_err:+.0f} ms")
+        ghost = rng.random() < 0.25
+        if ghost:
+            artefacts.append("breathing ghosts")
+        ul, vl = local_coordinates(g_lge, moved)
+        lge_img = _psir_image(tis, heart, ul, vl, lge_spacing, ti_null + ti_err, rr, rng)
+        shade_l = coil_shading(ul, vl, rng, rng.uniform(0.2, 0.6))
+        psir_snr = rng.uniform(15, 35)
+        z = acquire(lge_img * shade_l, rng, acquired_fraction=(min(1.0, lge_spacing / 1.45),) * 2,
+                    noise_sigma=1.0 / psir_snr / np.sqrt(2),
+                    ghost_amplitude=rng.uniform(0.3, 0.9) if ghost else 0.0, ghost_period=int(rng.integers(3, 9)))
+        gain_l = rng.uniform(500, 2000)
+        images.append(MRImage(
+            pixels=(z.real * gain_l).astype(np.float32), geometry=g_lge, role=Role.LGE, series_description=names["lge"],
+            inversion_time_ms=float(round(ti_null + ti_err)), trigger_time_ms=400.0, source=case_id,
+            meta={"slice": s}, **shared))
+
+        # --- truth on the T1 grid (native, diastolic, registered to the T1 map)
+        myo = fr[T["lv_myocardium"]] > 0.5
+        blood = _blood_centre(fr, u, v, heart)
+        lesion = myo & (fib >= 0.5)
+        remote = _remote_roi(myo, fib, u, v)
+        clean = _psir_image(tis, heart, u, v, t1_spacing, ti_null, rr, rng) * gain_l
+        truth.append(SliceTruth(
+            slice_index=s, level=level, myocardium=myo, blood_pool=blood, remote=remote, lesion=lesion,
+            fibrosis=fib, lesion_burden=float(lesion.sum() / max(myo.sum(), 1)),
+            lge_clean=clean.astype(np.float32), lge_artefacts=artefacts))
+    return SimulatedCase(
+        case_id=case_id, patient_id=patient_id, study_uid=study_uid, frame_of_reference_uid=for_uid,
+        field_t=field_t, scheme=scheme.name, phenotype=phenotype, lesion_free=lesion_free,
+        heart_rate_bpm=hr, images=images, truth=truth, meta_style=meta_style)
+
+
+def _property_maps(tis: tissue.CaseTissue, fr: np.ndarray, fib: np.ndarray, texture: np.ndarray):
+    """Partial-volume-weighted (t1_ms, t2_ms, pd, ecv) maps from tissue fractions.
+
+    The LV myocardium uses its per-pixel fibrosis-dependent values; T1 and T2 are combined as
+    rates (weighted by fraction), PD and ECV linearly.
+    """
+    myo_t1, myo_t2, myo_pd, myo_ecv = tissue.myocardium_maps(tis, fib, texture)
+    k = T["lv_myocardium"]
+    props = np.stack([1.0 / tis.t1_ms, 1.0 / tis.t2_ms, tis.pd, tis.ecv]).astype(np.float32)  # (4, n_tissues)
+    r1, r2, pd, ecv = (props @ fr.reshape(fr.shape[0], -1)).reshape((4,) + fr.shape[1:])  # one GEMM
+    w = fr[k]
+    r1 = r1 + w * (1.0 / myo_t1 - props[0, k])
+    r2 = r2 + w * (1.0 / myo_t2 - props[1, k])
+    pd = pd + w * (myo_pd - props[2, k])
+    ecv = ecv + w * (myo_ecv - props[3, k])
+    return 1.0 / np.maximum(r1, 1e-6), 1.0 / np.maximum(r2, 1e-6), pd, ecv
+
+
+def _psir_image(tis, heart, u, v, pixel_mm, ti_ms, rr, rng) -> np.ndarray:
+    """Ideal signed PSIR image (no noise) on a grid given by heart-local (u, v)."""
+    fr, fib, _ = anatomy.tissue_fractions(heart, u, v, DIASTOLE_PHASE, pixel_mm)
+    texture = anatomy._smooth_texture(u, v, heart.texture_seed + 1, 12.0)
+    t1n, t2, pd, ecv = _property_maps(tis, fr, fib, texture)
+    t1p = tissue.post_contrast_t1_ms(tis, t1n, ecv)
+    return signals.psir_mz(t1p, pd, ti_ms, rr) * np.exp(-3.0 / t2)
+
+
+def _blood_centre(fr, u, v, heart) -> np.ndarray:
+    """LV blood-pool centre ROI: blood within half the cavity radius, away from papillary muscles."""
+    blood = fr[T["lv_blood"]] > 0.95
+    r = np.hypot(u, v)
+    roi = blood & (r < 0.5 * heart.r_endo_mm * (1 - heart.ejection * anatomy.contraction(heart, DIASTOLE_PHASE)))
+    return roi if roi.sum() >= 4 else blood
+
+
+def _remote_roi(myo, fib, u, v) -> np.ndarray:
+    """Remote-myocardium ROI: the 60-degree sector of myocardium with the least fibrosis."""
+    theta = np.arctan2(v, u)
+    best, best_score = None, np.inf
+    for c in np.linspace(-np.pi, np.pi, 24, endpoint=False):
+        sector = myo & (np.abs(np.angle(np.exp(1j * (theta - c)))) < np.pi / 6)
+        if sector.sum() < 5:
+            continue
+        score = float(fib[sector].max())
+        if score < best_score:
+            best, best_score = sector, score
+    roi = best if best is not None else myo
+    return roi & (fib < 0.05) if (roi & (fib < 0.05)).sum() >= 5 else roi
