@@ -13,7 +13,7 @@ import sys
 from . import __version__
 from .exam import InputError
 
-COMMANDS = ("simulate", "t1map", "infer", "serve", "stream", "train", "export", "evaluate", "demo")
+COMMANDS = ("simulate", "t1map", "prepare", "infer", "serve", "stream", "train", "export", "evaluate", "demo")
 
 
 def _load(name: str):

@@ -138,7 +138,7 @@ class RoleRules:
     t1_map_data_role_pattern: str = r"^t1( ?map)?$"
     lge_pattern: str = r"lge|psir|(^|[_\s])de([_\s]|$)|\blate\b|delayed|mag_?ir|phase.?sensitive|viability|\bscar\b"
     lge_data_role_pattern: str = r"^(psir|magir)$"
-    ir_series_pattern: str = r"sh?molli|look.?locker|t1.?mapping|\bll[_\s]"
+    ir_series_pattern: str = r"(sh)?molli|look.?locker|t1.?mapping|\bll[_\s]"
     ir_comment_pattern: str = r"\bTI ?eff\b|\bTI\s*[=:]?\s*\d+(\.\d+)?\s*ms"
     phase_image_type_pattern: str = r"^(p|pha|phase)$"
     cine_pattern: str = r"cine|trufi|bssfp|\bssfp|fiesta|balanced|(^|[_\s])sax|\bsa\b|[234] ?ch|lvot|(^|[_\s])lax|retro"

@@ -62,6 +62,9 @@ MAX_T1_MS = 4000.0
 # A fit is identifiable only if exp(-TI_2 / T1*) is at least this (TI_2: second-shortest TI).
 MIN_EXP_AT_SECOND_TI = 1e-3
 LM_ITERATIONS = 3
+# The runner-up sign candidate is refined too where the samples it flips are below this
+# fraction of the pixel's largest magnitude.
+AMBIGUOUS_FRACTION = 0.3
 SHMOLLI_SUBSETS = {5: (0, 3, 4, 5, 6), 6: (0, 1, 3, 4, 5, 6), 7: (0, 1, 2, 3, 4, 5, 6)}
 SCHEMES = ("auto", "shmolli", "molli")
 CHUNK_PIXELS = 8192
@@ -263,8 +266,12 @@ def _fit_signed(
     for i in range(min_negative):  # flip the first min_negative samples
         z -= 2.0 * w32[:, i : i + 1] * y32[i : i + 1]
         ysum_k -= 2.0 * y[i]
+    # best and second-best sign candidate by grid residual: the grid is coarse, so the two are
+    # both refined and the lower refined residual wins (near-null samples are ambiguous)
     best_ssr = np.full(p, np.inf)
     best_k = np.full(p, min_negative, np.int64)
+    second_ssr = np.full(p, np.inf)
+    second_k = np.full(p, min_negative, np.int64)
     for ci, k in enumerate(ks):
         if ci > 0:  # flipping sample k-1 is a rank-1 update of w . y
             i = k - 1
@@ -274,14 +281,42 @@ def _fit_signed(
         ssr = y2 - ysum_k * ysum_k / m - top * top
         ssr = np.where(allowed[ci], ssr, np.inf)
         better = ssr < best_ssr
+        runner = ~better & (ssr < second_ssr)
+        second_ssr = np.where(better, best_ssr, np.where(runner, ssr, second_ssr))
+        second_k = np.where(better, best_k, np.where(runner, k, second_k))
         best_ssr = np.where(better, ssr, best_ssr)
         best_k = np.where(better, k, best_k)
 
-    # signed data for the chosen candidate
-    lead = np.arange(m)[:, None] < best_k[None, :]
-    ys = np.where(lead, -y, y)
-    # parabolic refinement of the grid optimum in log T1*, on -(w.y)
-    zz = -(ys.T @ w.T)  # (P, G), for the chosen signs (pixel-major: fast argmax)
+    fit = _refine(y, ti, w, grid, best_k, n_iter)
+    # the runner-up can only win where the samples it flips are small (near the null)
+    idx = np.arange(m)[:, None]
+    lo, hi = np.minimum(best_k, second_k), np.maximum(best_k, second_k)
+    flipped = np.where((idx >= lo) & (idx < hi), y, 0.0).max(axis=0)
+    ambiguous = np.isfinite(second_ssr) & (flipped < AMBIGUOUS_FRACTION * y.max(axis=0))
+    alt = np.flatnonzero(ambiguous)
+    if alt.size:
+        f2 = _refine(y[:, alt], ti, w, grid, second_k[alt], n_iter)
+        win = f2["ssr"] < fit["ssr"][alt]
+        dst = alt[win]
+        for key in ("a", "b", "t1_star", "ssr", "k"):
+            fit[key][dst] = f2[key][win]
+        fit["signed"][:, dst] = f2["signed"][:, win]
+    t1s = fit["t1_star"]
+    valid = np.isfinite(fit["a"]) & np.isfinite(fit["b"]) & np.isfinite(t1s) & (fit["a"] > 0) & (fit["b"] > 0) & (t1s > 0)
+    # identifiable: the recovery must still be visible at the second-shortest TI
+    valid &= np.exp(-ti[1] / np.maximum(t1s, 1e-9)) >= MIN_EXP_AT_SECOND_TI
+    fit["valid"] = valid
+    return fit
+
+
+def _refine(y: np.ndarray, ti: np.ndarray, w: np.ndarray, grid: np.ndarray, k: np.ndarray, n_iter: int) -> dict:
+    """Fit with the first ``k`` samples negative: grid optimum, parabolic step, closed-form A, B, LM.
+
+    y (m, P) magnitudes sorted by TI, k (P,). Returns a, b, t1_star, ssr, k, signed (m, P).
+    """
+    m, p = y.shape
+    ys = np.where(np.arange(m)[:, None] < k[None, :], -y, y)
+    zz = -(ys.T @ w.T)  # (P, G): pixel-major, for a fast argmax
     best_g = np.argmax(zz, axis=1)
     gi = np.clip(best_g, 1, grid.size - 2)
     cols = np.arange(p)
@@ -291,15 +326,10 @@ def _fit_signed(
     delta = np.where(interior, 0.5 * (f0 - f2) / np.where(den == 0, -1.0, den), 0.0)
     delta = np.clip(delta, -1.0, 1.0)
     lg = np.log(grid)
-    step = lg[1] - lg[0]
-    log_t1s = np.where(interior, lg[gi] + delta * step, lg[best_g])
-    t1s = np.exp(log_t1s)
-    a, b, _ = _closed_form_ab(ys, ti, t1s)
-    a, b, t1s, ssr = _lm_refine(ys, ti, a, b, t1s, n_iter)
-    valid = np.isfinite(a) & np.isfinite(b) & np.isfinite(t1s) & (a > 0) & (b > 0) & (t1s > 0)
-    # identifiable: the recovery must still be visible at the second-shortest TI
-    valid &= np.exp(-ti[1] / np.maximum(t1s, 1e-9)) >= MIN_EXP_AT_SECOND_TI
-    return {"a": a, "b": b, "t1_star": t1s, "ssr": ssr, "k": best_k, "valid": valid, "signed": ys}
+    log_t1s = np.where(interior, lg[gi] + delta * (lg[1] - lg[0]), lg[best_g])
+    a, b, _ = _closed_form_ab(ys, ti, np.exp(log_t1s))
+    a, b, t1s, ssr = _lm_refine(ys, ti, a, b, np.exp(log_t1s), n_iter)
+    return {"a": a, "b": b, "t1_star": t1s, "ssr": ssr, "k": k.copy(), "signed": ys}
 
 
 def _t1_of(fit: dict) -> np.ndarray:
