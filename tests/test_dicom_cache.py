@@ -1,5 +1,6 @@
 """The real-DICOM training path: matching, quality checks, inclusion log, patient splits."""
 import csv
+import re
 
 import numpy as np
 
@@ -12,7 +13,7 @@ def test_simulated_dicom_exams_become_a_cache(sim_set, tmp_path):
     assert main(["prepare", str(sim_set / "dicom"), "--out", str(out)]) == 0
     doc = read_index(out)
     rows = list(csv.DictReader(open(out / "inclusion_log.csv")))
-    n_slices = sum(1 for p in (sim_set / "truth").glob("*.npz") for k in np.load(p).files if k.endswith("_myocardium"))
+    n_slices = sum(1 for p in (sim_set / "truth").glob("*.npz") for k in np.load(p).files if re.fullmatch(r"s\d+_myocardium", k))
     assert len(doc["entries"]) == n_slices
     assert sum(r["decision"] == "included" for r in rows) == n_slices
     e = doc["entries"][0]

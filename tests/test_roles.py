@@ -126,6 +126,12 @@ def test_overrides_change_the_rules():
     phase_no_ti = {"ImageType": ["ORIGINAL", "PRIMARY", "P"]}
     rules = DEFAULT_RULES.with_overrides({"role_phase_without_ti_is_unknown": "false"})
     assert classify(phase_no_ti, rules=rules)[0] == Role.IR_PHASE
+    assert classify({"SeriesDescription": "sa_stack_x", "TriggerTime": "40"})[0] == Role.CINE
+    assert classify({"SeriesDescription": "mystery", "TriggerTime": "40"})[0] == Role.UNKNOWN
+    rules = DEFAULT_RULES.with_overrides({"role_cine_by_trigger_time": "yes"})
+    assert classify({"SeriesDescription": "mystery", "TriggerTime": "40"}, rules=rules)[0] == Role.CINE
+    assert classify({"SeriesDescription": "mystery", "TriggerTime": "0"}, rules=rules)[0] == Role.UNKNOWN
+    assert classify(SHMOLLI_T1MAP, rules=rules)[0] == Role.T1_MAP  # earlier rules still win
     # ISMRMRD properties may come as lists
     rules = DEFAULT_RULES.with_overrides({"role_lge_pattern": ["viab"]})
     assert rules.lge_pattern == "viab"

@@ -21,7 +21,8 @@ Rule order (first match wins):
 4. IR phase: a phase image (ImageType ``P`` or ISMRMRD ``image_type`` 2) with an inversion time;
 5. IR magnitude: any other image with an inversion time (InversionTime, GADGETRON_TI,
    ImageComments ``TIeff 100 ms``);
-6. cine: a cine description, or ImageType ``RETRO`` / ``CINE``;
+6. cine: a cine description, or ImageType ``RETRO`` / ``CINE`` (or, with
+   ``role_cine_by_trigger_time``, any remaining image with TriggerTime > 0);
 7. otherwise UNKNOWN.
 """
 from __future__ import annotations
@@ -124,6 +125,8 @@ class RoleRules:
         cine_pattern: series description of a cine series.
         cine_image_type_pattern: an ImageType token of a cine image.
         phase_without_ti_is_unknown: phase images without a TI are UNKNOWN (else IR_PHASE).
+        cine_by_trigger_time: an otherwise unmatched, non-phase image with TriggerTime > 0 is
+            CINE (off by default: localizers and maps carry trigger times too).
     """
 
     exclude_pattern: str = (
@@ -144,6 +147,7 @@ class RoleRules:
     cine_pattern: str = r"cine|trufi|bssfp|\bssfp|fiesta|balanced|(^|[_\s])sax|\bsa\b|[234] ?ch|lvot|(^|[_\s])lax|retro"
     cine_image_type_pattern: str = r"^(retro|cine)$"
     phase_without_ti_is_unknown: bool = True
+    cine_by_trigger_time: bool = False
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -318,7 +322,8 @@ def classify(meta: dict, *, image_type_code: int | None = None, rules: RoleRules
             return Role.UNKNOWN, "phase image without an inversion time"
         return Role.IR_PHASE, "phase image (role_phase_without_ti_is_unknown is false)"
     if has_ti:
-        return Role.IR_MAGNITUDE, ti_why + (f" (IR T1-mapping series '{ir_series}')" if ir_series else "")
+        moco = " MOCO" if any(t.strip().upper() == "MOCO" for t in tokens) else ""
+        return Role.IR_MAGNITUDE, ti_why + moco + (f" (IR T1-mapping series '{ir_series}')" if ir_series else "")
 
     # 6. cine
     hit = rules.first_match("cine_image_type_pattern", tokens)
@@ -327,4 +332,7 @@ def classify(meta: dict, *, image_type_code: int | None = None, rules: RoleRules
     hit = rules.first_match("cine_pattern", descs)
     if hit:
         return Role.CINE, f"description '{hit}' matches role_cine_pattern"
+    trigger = _first_float(meta_values(meta, "trigger_time"))
+    if rules.cine_by_trigger_time and trigger is not None and trigger > 0:
+        return Role.CINE, f"TriggerTime {trigger:g} ms (role_cine_by_trigger_time)"
     return Role.UNKNOWN, "no role rule matched" + (f" (description '{descs[0]}')" if descs else "")

@@ -4,43 +4,57 @@ Model (three parameters, signed signal, samples sorted by inversion time)::
 
     S(TI) = A - B * exp(-TI / T1*)          T1 = T1* * (B / A - 1)
 
-Fitting, per pixel, all pixels at once (no per-pixel Python loop):
+Every step works on all pixels at once (blocks of :data:`CHUNK_PIXELS`; no per-pixel loop):
 
-1. **Grid over T1*.** For a fixed T1* the model is linear in (A, B). With the constant
-   projected out, the best residual for grid value ``g`` is
-   ``SSR_g = |y - mean(y)|^2 - (w_g . y)^2`` with ``w_g`` the centred, unit-norm vector
-   ``exp(-TI/g) - mean``. One matrix product ``W @ y`` gives every grid point for every pixel;
-   only ``w_g . y < 0`` (``B > 0``: a recovery, not a decay) is admissible.
+1. **Grid over T1*** (:data:`T1STAR_GRID_MS`, 48 log-spaced values, 5..12000 ms). For a fixed
+   T1* the model is linear in (A, B); with the constant projected out the best residual is
+   ``SSR_g = |y|^2 - n mean(y)^2 - (w_g . y)^2``, ``w_g`` the centred unit-norm
+   ``exp(-TI/g)``. One product ``W y`` gives every grid value for every pixel; only
+   ``w_g . y < 0`` (B > 0: a recovery, not a decay) is admissible.
 2. **Polarity.** Magnitude images lose the sign of Mz. Sorted by TI, a Look-Locker recovery is
-   negative for the first ``k`` samples and positive after, so the candidates are "flip the first
-   ``k`` samples", ``k = 0 .. n_flippable`` (samples with TI above
-   :data:`MAX_TI_FOR_SIGN_FLIP_MS` are never flipped). Flipping sample ``i`` is a rank-1 update
-   of ``W @ y``, so every candidate costs one pass. With phase images, a sample whose phase
-   relative to the longest-TI image is clearly beyond pi/2 is negative, clearly within pi/2 is
-   positive, and the grey zone (pi/2 +- 30 %) is left to the fit: only candidates consistent
-   with the confident signs are allowed (all of them if none is consistent).
-3. **Refinement.** Parabolic interpolation of the grid optimum in log T1*, closed-form (A, B),
-   then a few vectorised Levenberg-Marquardt steps on (A, B, log T1*) with the chosen signs.
+   negative for the first ``k`` samples and positive after, so the candidates are "the first
+   ``k`` samples negative", ``k = 0 ..`` the number of samples with TI below
+   :data:`MAX_TI_FOR_SIGN_FLIP_MS`. Flipping a sample is a rank-1 update of ``W y`` and of the
+   mean, so each candidate costs one pass over the grid.
+   With phase images (:func:`phase_signs`): the phase relative to the longest-TI image gives a
+   confident -1 beyond ``pi/2 (1 + 0.3)``, a confident +1 within ``pi/2 (1 - 0.3)``, and leaves
+   the grey zone in between to the fit; when no sample of a pixel is confidently negative, the
+   undecided ones are positive (as the ShMOLLI sign logic). Only the candidates with the fewest
+   conflicts with the confident signs are allowed (normally: the consistent ones).
+3. **Refinement.** For the best candidate, and for the runner-up where the samples it flips are
+   small (below :data:`AMBIGUOUS_FRACTION` of the pixel's largest magnitude: a sample near the
+   null, which the coarse grid cannot rank): parabolic interpolation of the grid optimum in
+   log T1*, closed-form (A, B), then :data:`LM_ITERATIONS` vectorised Levenberg-Marquardt steps
+   on (A, B, log T1*). The lower refined residual wins.
+4. **Validity.** Finite, A > 0, B > 0, T1* > 0, and identifiable: ``exp(-TI_2 / T1*) >= 1e-3``
+   with TI_2 the second-shortest TI of the fit (otherwise only one sample sees the recovery and
+   A, B, T1* are not determined).
 
-ShMOLLI 5(1)1(1)1 conditional rule (Piechnik et al., JCMR 2010;12:69), as implemented here
-(after the public ``tomato`` re-implementation by Werys et al.; no code was copied). Samples
-sorted by TI are ``[TI1, TI2, TI3, 1*RR+TI1, 2*RR+TI1, 3*RR+TI1, 4*RR+TI1]``:
+ShMOLLI 5(1)1(1)1 conditional rule (Piechnik et al., JCMR 2010;12:69), as implemented here,
+after reading the public ``tomato`` re-implementation by Werys et al. (no code copied). Samples
+sorted by TI are ``[TI1, TI2, TI3, TI1+RR, TI1+2RR, TI1+3RR, TI1+4RR]``:
 
-- fit 5 = inversion 1 only (sorted indices 0, 3, 4, 5, 6), the shortest-TI sample forced negative;
-  fit 6 = fit 5 + the second inversion's sample (index 1); fit 7 = all samples.
-- ``T_RR`` is ``rr_interval_ms`` if given, else the mean of the four inversion-1 gaps.
-- A fit is *valid* when it is finite with A > 0, B > 0, T1* > 0; ``chi = sqrt(SSR / (n - 1))``.
-- start: ``n = 5`` if fit 5 is valid (``T1tmp = T1_5``, ``chi_tmp = chi_5``), else ``n = 0``.
+- fit 5 = inversion 1 only (sorted indices 0, 3, 4, 5, 6) with the shortest-TI sample forced
+  negative (``k >= 1``); fit 6 = fit 5 + the second inversion's sample (index 1); fit 7 = all.
+- ``T_RR`` is ``rr_interval_ms`` if given, else the mean of the four gaps
+  ``TI[3]-TI[0], TI[4]-TI[3], TI[5]-TI[4], TI[6]-TI[5]``.
+- ``chi_n = sqrt(SSR_n / (n - 1))``.
+- start: ``n = 5``, ``T1tmp = T1_5``, ``chi_tmp = chi_5`` if fit 5 is valid; else ``n = 0``,
+  ``T1tmp = 0`` and ``chi_tmp = inf`` (tomato keeps the failed fit's cost there; with infinity
+  any valid fit 6 is taken instead).
 - only if ``T1tmp <= T_RR`` or fit 6 is invalid or ``T1_6 <= 0.4 T_RR``:
-  - use 6 if fit 6 is valid and ``chi_6 * T1_6 < chi_tmp * T_RR`` (then ``T1tmp = T1_6``);
-  - use 7 if fit 7 is valid and ``chi_7 * T1_7 < 0.4 * chi_6 * T_RR`` and ``T1tmp < T_RR``
-    (the full set only when its error is small enough to compensate for the later inversions'
-    incomplete recovery, which limits it to T1 below about 0.4 RR).
+  - use 6 if fit 6 is valid and ``chi_6 T1_6 < chi_tmp T_RR``; then ``T1tmp = T1_6``;
+  - use 7 if fits 6 and 7 are valid, ``chi_7 T1_7 < 0.4 chi_6 T_RR`` and ``T1tmp < T_RR``
+    (all three inversions only when the error is small enough to make up for the incomplete
+    recovery between inversions, which limits it to short T1). Fit 7 is computed only for the
+    pixels where it can be chosen.
 - a pixel with ``n = 0`` gets T1 = 0.
 
-Background pixels (mean magnitude below the threshold, or outside ``mask``) get T1 = 0, R^2 = 0.
-R^2 is the coefficient of determination ``1 - SSR/SST`` of the signed samples used.
-T1 is clipped to ``[0, max_t1_ms]`` (the scanner map saturates at 4000 ms too).
+Background pixels (mean magnitude below :data:`BACKGROUND_FRACTION` of the 99th percentile, or
+an absolute ``min_mean_signal``, or outside ``mask``) get T1 = 0, R^2 = 0, n = 0.
+R^2 is the coefficient of determination ``1 - SSR/SST`` of the signed samples of the chosen fit.
+T1 is clipped to ``[0, max_t1_ms]`` (default 4000 ms; the scanner map saturates there too).
+See docs/t1-mapping.md for the validation on the real phantom.
 """
 from __future__ import annotations
 
@@ -232,7 +246,8 @@ def _fit_signed(
         min_negative: smallest allowed number of leading negative samples.
 
     Returns:
-        dict of (P,) arrays: a, b, t1_star, ssr, k (leading negatives), valid.
+        dict of (P,) arrays a, b, t1_star, ssr, k (leading negatives), valid, and the signed
+        samples ``signed`` (m, P).
     """
     m, p = mag.shape
     y = np.abs(mag).astype(np.float64)
@@ -261,7 +276,9 @@ def _fit_signed(
     ysum = y.sum(axis=0)
     w32 = w.astype(np.float32)
     y32 = y.astype(np.float32)
-    z = w32 @ y32  # (G, P): w_g . y for every grid value and pixel
+    # (G, P): w_g . y for every grid value and pixel. einsum, not BLAS: the inner dimension is
+    # the handful of samples, and threaded BLAS is many times slower for such products
+    z = np.einsum("gm,mp->gp", w32, y32)
     ysum_k = ysum.copy()
     for i in range(min_negative):  # flip the first min_negative samples
         z -= 2.0 * w32[:, i : i + 1] * y32[i : i + 1]
@@ -316,7 +333,7 @@ def _refine(y: np.ndarray, ti: np.ndarray, w: np.ndarray, grid: np.ndarray, k: n
     """
     m, p = y.shape
     ys = np.where(np.arange(m)[:, None] < k[None, :], -y, y)
-    zz = -(ys.T @ w.T)  # (P, G): pixel-major, for a fast argmax
+    zz = -np.einsum("mp,gm->pg", ys, w)  # (P, G): pixel-major, for a fast argmax
     best_g = np.argmax(zz, axis=1)
     gi = np.clip(best_g, 1, grid.size - 2)
     cols = np.arange(p)
@@ -352,7 +369,7 @@ def background_mask(ir_magnitude: np.ndarray, fraction: float = BACKGROUND_FRACT
     A pixel is fitted when its mean magnitude over the images is at least ``min_mean_signal``
     (if given) or ``fraction`` times the 99th percentile of the pixel means.
     """
-    mean = np.abs(np.asarray(ir_magnitude, np.float64)).mean(axis=0)
+    mean = np.nan_to_num(np.abs(np.asarray(ir_magnitude, np.float64)).mean(axis=0), nan=0.0, posinf=0.0)
     thr = min_mean_signal if min_mean_signal is not None else fraction * float(np.percentile(mean, 99))
     return (mean >= thr) & (mean > 0)
 

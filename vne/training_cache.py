@@ -18,6 +18,8 @@ Arrays in each ``.npz`` (H = W = the crop size, T1-grid pixels):
     lge         (H, W)         float32   PSIR LGE reference as acquired (artefacts included)
     lge_clean   (H, W)         float32   artefact-free LGE (simulator only; else == lge)
     myocardium, blood_pool, remote, lesion   (H, W) uint8 masks (all zero when unknown)
+    lge_myocardium, lge_blood_pool, lge_remote  optional (H, W) uint8: the LGE's own masks
+                                         (simulator: where the misregistered LGE saw the heart)
     pixel_spacing_mm (2,)      float32
 Entry fields: slice_id, patient_id, case_id, slice_index, lesion_burden (slice, lesion/myo
 area), lesion_free (bool), has_masks (bool), field_strength_t, source.
@@ -36,6 +38,7 @@ from .exam import InputError
 CACHE_VERSION = 1
 ARRAY_KEYS = ("cine", "ir", "ir_ti_ms", "t1_map_ms", "lge", "lge_clean", "myocardium", "blood_pool", "remote", "lesion", "pixel_spacing_mm")
 MASK_KEYS = ("myocardium", "blood_pool", "remote", "lesion")
+OPTIONAL_MASK_KEYS = ("lge_myocardium", "lge_blood_pool", "lge_remote")
 
 
 def heart_crop_window(centre_ij, shape, size: int) -> tuple[slice, slice]:
@@ -60,9 +63,9 @@ def write_slice(directory: Path, slice_id: str, arrays: dict[str, np.ndarray]) -
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     out = {}
-    for k in ARRAY_KEYS:
+    for k in ARRAY_KEYS + tuple(k for k in OPTIONAL_MASK_KEYS if arrays.get(k) is not None):
         v = np.asarray(arrays[k])
-        out[k] = v.astype(np.uint8) if k in MASK_KEYS else v.astype(np.float32)
+        out[k] = v.astype(np.uint8) if k in MASK_KEYS + OPTIONAL_MASK_KEYS else v.astype(np.float32)
     path = directory / f"{slice_id}.npz"
     fd, tmp = tempfile.mkstemp(dir=directory, suffix=".npz.tmp")
     os.close(fd)

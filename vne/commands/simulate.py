@@ -56,7 +56,7 @@ def _one(job):
     entries = [] if opts["no_cache"] else write_case_cache(case, out / "cache", ModelContract(), crop=opts["crop"])
     truth = {}
     for t in case.truth:
-        for k in ("myocardium", "blood_pool", "remote", "lesion"):
+        for k in ("myocardium", "blood_pool", "remote", "lesion", "lge_myocardium", "lge_blood_pool", "lge_remote"):
             truth[f"s{t.slice_index}_{k}"] = getattr(t, k).astype(np.uint8)
         truth[f"s{t.slice_index}_fibrosis"] = t.fibrosis.astype(np.float16)
         truth[f"s{t.slice_index}_lge_clean"] = t.lge_clean.astype(np.float32)

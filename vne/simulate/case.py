@@ -36,6 +36,9 @@ class SliceTruth:
     lesion_burden: float  # lesion area / myocardium area
     lge_clean: np.ndarray  # (H, W) artefact-free, registered PSIR on the T1 grid
     lge_artefacts: list[str] = field(default_factory=list)
+    lge_myocardium: np.ndarray | None = None  # the LGE's own masks (it may be misregistered)
+    lge_blood_pool: np.ndarray | None = None
+    lge_remote: np.ndarray | None = None
 
 
 @dataclass
@@ -213,9 +216,13 @@ def simulate_case(seed: int, index: int, field_t: float | None = None) -> Simula
         ul, vl = local_coordinates(g_lge, moved)
         lge_img = _psir_image(tis, heart, ul, vl, lge_spacing, ti_null + ti_err, rr, rng)
         shade_l = coil_shading(ul, vl, rng, rng.uniform(0.2, 0.6))
+        # noise from the blood-pool SNR of clinical PSIR (15-35)
+        k_b = T["lv_blood"]
+        blood_post = float(tissue.post_contrast_t1_ms(tis, tis.t1_ms[k_b], tis.ecv[k_b]))
+        blood_signal = abs(float(signals.psir_mz(np.array([blood_post]), np.array([tis.pd[k_b]]), ti_null + ti_err, rr)[0]))
         psir_snr = rng.uniform(15, 35)
         z = acquire(lge_img * shade_l, rng, acquired_fraction=(min(1.0, lge_spacing / 1.45),) * 2,
-                    noise_sigma=1.0 / psir_snr / np.sqrt(2),
+                    noise_sigma=blood_signal / psir_snr,
                     ghost_amplitude=rng.uniform(0.3, 0.9) if ghost else 0.0, ghost_period=int(rng.integers(3, 9)))
         gain_l = rng.uniform(500, 2000)
         images.append(MRImage(
@@ -223,16 +230,18 @@ def simulate_case(seed: int, index: int, field_t: float | None = None) -> Simula
             inversion_time_ms=float(round(ti_null + ti_err)), trigger_time_ms=400.0, source=case_id,
             meta={"slice": s}, **shared))
 
-        # --- truth on the T1 grid (native, diastolic, registered to the T1 map)
-        myo = fr[T["lv_myocardium"]] > 0.5
-        blood = _blood_centre(fr, u, v, heart)
-        lesion = myo & (fib >= 0.5)
-        remote = _remote_roi(myo, fib, u, v)
+        # --- truth on the T1 grid: native masks (registered to the T1 map) for T1 and VNE, and
+        # the LGE's own masks (the heart where the LGE saw it) for quantifying the LGE
+        myo, blood, remote, fib_t, _ = _truth_masks(heart, u, v, t1_spacing)
+        lesion = myo & (fib_t >= 0.5)
+        ul1, vl1 = local_coordinates(g_t1, moved)
+        lmyo, lblood, lremote, _, _ = _truth_masks(heart, ul1, vl1, t1_spacing)
         clean = _psir_image(tis, heart, u, v, t1_spacing, ti_null, rr, rng) * gain_l
         truth.append(SliceTruth(
             slice_index=s, level=level, myocardium=myo, blood_pool=blood, remote=remote, lesion=lesion,
-            fibrosis=fib, lesion_burden=float(lesion.sum() / max(myo.sum(), 1)),
-            lge_clean=clean.astype(np.float32), lge_artefacts=artefacts))
+            fibrosis=fib_t, lesion_burden=float(lesion.sum() / max(myo.sum(), 1)),
+            lge_clean=clean.astype(np.float32), lge_artefacts=artefacts,
+            lge_myocardium=lmyo, lge_blood_pool=lblood, lge_remote=lremote))
     return SimulatedCase(
         case_id=case_id, patient_id=patient_id, study_uid=study_uid, frame_of_reference_uid=for_uid,
         field_t=field_t, scheme=scheme.name, phenotype=phenotype, lesion_free=lesion_free,
@@ -266,24 +275,31 @@ def _psir_image(tis, heart, u, v, pixel_mm, ti_ms, rr, rng) -> np.ndarray:
     return signals.psir_mz(t1p, pd, ti_ms, rr) * np.exp(-3.0 / t2)
 
 
-def _blood_centre(fr, u, v, heart) -> np.ndarray:
-    """LV blood-pool centre ROI: blood within half the cavity radius, away from papillary muscles."""
+def _truth_masks(heart, u, v, pixel_mm):
+    """(myocardium, blood-pool centre, remote ROI, fibrosis, rho) on a grid given by heart-local (u, v).
+
+    Myocardium: LV myocardium fraction > 0.5. Blood-pool centre: pure blood within half the cavity
+    radius (away from the papillary muscles). Remote: the mid-wall (transmural depth 0.25-0.75,
+    away from partial volume) of the 60-degree sector with the least fibrosis, as an analyst
+    would draw it.
+    """
+    fr, fib, rho = anatomy.tissue_fractions(heart, u, v, DIASTOLE_PHASE, pixel_mm)
+    myo = fr[T["lv_myocardium"]] > 0.5
+    pure = fr[T["lv_myocardium"]] > 0.95
     blood = fr[T["lv_blood"]] > 0.95
     r = np.hypot(u, v)
-    roi = blood & (r < 0.5 * heart.r_endo_mm * (1 - heart.ejection * anatomy.contraction(heart, DIASTOLE_PHASE)))
-    return roi if roi.sum() >= 4 else blood
-
-
-def _remote_roi(myo, fib, u, v) -> np.ndarray:
-    """Remote-myocardium ROI: the 60-degree sector of myocardium with the least fibrosis."""
+    centre = blood & (r < 0.5 * heart.r_endo_mm * (1 - heart.ejection * anatomy.contraction(heart, DIASTOLE_PHASE)))
+    blood = centre if centre.sum() >= 4 else blood
     theta = np.arctan2(v, u)
+    mid = pure & (rho > 0.25) & (rho < 0.75)
     best, best_score = None, np.inf
     for c in np.linspace(-np.pi, np.pi, 24, endpoint=False):
-        sector = myo & (np.abs(np.angle(np.exp(1j * (theta - c)))) < np.pi / 6)
+        sector = mid & (np.abs(np.angle(np.exp(1j * (theta - c)))) < np.pi / 6)
         if sector.sum() < 5:
             continue
         score = float(fib[sector].max())
         if score < best_score:
             best, best_score = sector, score
-    roi = best if best is not None else myo
-    return roi & (fib < 0.05) if (roi & (fib < 0.05)).sum() >= 5 else roi
+    remote = best if best is not None else (mid if mid.sum() >= 5 else myo)
+    clean = remote & (fib < 0.05)
+    return myo, blood, (clean if clean.sum() >= 5 else remote), fib, rho

@@ -136,6 +136,8 @@ def write_case_cache(case: SimulatedCase, directory, contract: ModelContract, cr
             "lge": grid.lge, "lge_clean": truth.lge_clean[rows, cols],
             "myocardium": truth.myocardium[rows, cols], "blood_pool": truth.blood_pool[rows, cols],
             "remote": truth.remote[rows, cols], "lesion": truth.lesion[rows, cols],
+            "lge_myocardium": truth.lge_myocardium[rows, cols], "lge_blood_pool": truth.lge_blood_pool[rows, cols],
+            "lge_remote": truth.lge_remote[rows, cols],
             "pixel_spacing_mm": np.asarray(g_crop.pixel_spacing_mm),
         })
         entries.append({

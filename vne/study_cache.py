@@ -1,0 +1,305 @@
+"""On-disk study cache: images seen in one connection, found again by a later one of the same study.
+
+A Gadgetron connection carries one scan (``../shared/docs/scanner-streams.md``): the cine scan
+and the T1-mapping scan of a study arrive in different connections, often minutes apart and
+possibly in different processes. The gadget therefore stores the images VNE needs (cine, IR
+magnitude and IR phase; not LGE) here when a connection ends, and the T1-mapping connection
+looks them up by (StudyInstanceUID, FrameOfReferenceUID) from its ISMRMRD header.
+
+Layout (``root`` is created with mode 0700: the entries hold patient images)::
+
+    root/<study hash>/<entry id>.npz    pixels of one (role, series, plane) group, compressed;
+                                        ``p0000``, ``p0001``, ... (uint16 when lossless, else float32)
+    root/<study hash>/<entry id>.json   what the images are: role, geometry, TI / trigger time,
+                                        meta, the study identifiers, the source connection
+
+``<study hash>`` is a SHA-256 of the two UIDs (no identifiers in file names). Both files are
+written to a temporary name and renamed into place (the JSON last: it marks the entry
+complete), so a reader never sees half an entry and a crash leaves no corrupt one.
+
+Limits: entries older than ``max_age_hours`` are ignored and deleted; when the whole cache is
+larger than ``max_mb`` the oldest entries are deleted first. Both are enforced on every write.
+An unwritable or unreadable folder is logged once and the cache behaves as empty: the
+pipeline carries on without it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .exam import Geometry, MRImage, Role
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+CACHED_ROLES = (Role.CINE, Role.IR_MAGNITUDE, Role.IR_PHASE)
+DEFAULT_MAX_MB = 2048.0
+DEFAULT_MAX_AGE_HOURS = 48.0
+ENV_CACHE_DIR = "VNE_CACHE_DIR"
+_STALE_TMP_S = 3600.0
+
+
+def default_cache_dir() -> Path:
+    """$VNE_CACHE_DIR, else ``<tmp>/vne-study-cache-<uid>``."""
+    env = os.environ.get(ENV_CACHE_DIR)
+    if env:
+        return Path(env)
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    return Path(tempfile.gettempdir()) / f"vne-study-cache-{uid}"
+
+
+def study_hash(study_uid: str, frame_of_reference_uid: str) -> str:
+    return hashlib.sha256(f"{study_uid}\0{frame_of_reference_uid}".encode()).hexdigest()[:24]
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write via ``write(fileobj)`` into a temporary file next to ``path``, then rename."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _geometry_dict(g: Geometry) -> dict:
+    return {"position_mm": list(g.position_mm), "read_dir": list(g.read_dir), "phase_dir": list(g.phase_dir),
+            "pixel_spacing_mm": list(g.pixel_spacing_mm), "shape": list(g.shape),
+            "slice_thickness_mm": g.slice_thickness_mm}
+
+
+def _geometry_from(d: dict) -> Geometry:
+    return Geometry(position_mm=tuple(float(v) for v in d["position_mm"]), read_dir=tuple(float(v) for v in d["read_dir"]),
+                    phase_dir=tuple(float(v) for v in d["phase_dir"]),
+                    pixel_spacing_mm=tuple(float(v) for v in d["pixel_spacing_mm"]),
+                    shape=tuple(int(v) for v in d["shape"]), slice_thickness_mm=float(d["slice_thickness_mm"]))
+
+
+def _jsonable(v):
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return v
+    return str(v)
+
+
+def _compact(px: np.ndarray) -> np.ndarray:
+    """uint16 when that is lossless (scanner magnitudes), else float32."""
+    a = np.asarray(px, np.float32)
+    if a.size and np.all(np.isfinite(a)) and a.min() >= 0 and a.max() <= 65535 and np.all(a == np.round(a)):
+        return a.astype(np.uint16)
+    return a
+
+
+class StudyCache:
+    """Images of a study kept on disk across connections and restarts.
+
+    Args:
+        root: the cache folder (created on first write).
+        max_mb: size limit of the whole cache; oldest entries go first.
+        max_age_hours: entries older than this are ignored and deleted.
+    """
+
+    def __init__(self, root, max_mb: float = DEFAULT_MAX_MB, max_age_hours: float = DEFAULT_MAX_AGE_HOURS) -> None:
+        self.root = Path(root)
+        self.max_bytes = int(float(max_mb) * 1024 * 1024)
+        self.max_age_s = float(max_age_hours) * 3600.0
+        self._warned = False
+
+    def _warn_once(self, what: str, exc: BaseException) -> None:
+        if not self._warned:
+            log.warning("study cache %s: %s (%s); continuing without it", self.root, what, exc)
+            self._warned = True
+
+    # ------------------------------------------------------------------ writing
+    def put(self, images: list[MRImage], *, study_uid: str, frame_of_reference_uid: str, origin: str) -> int:
+        """Store the cine / IR images of one study; returns the number of entries written.
+
+        Images are grouped by (role, series, plane); an entry with the same origin (the
+        connection's measurement ID), role, series and plane is replaced.
+        """
+        from .slices import group_by_plane
+
+        if not (study_uid or frame_of_reference_uid):
+            log.info("study cache: no study or frame-of-reference UID; nothing cached")
+            return 0
+        images = [im for im in images if im.role in CACHED_ROLES]
+        if not images:
+            return 0
+        folder = self.root / study_hash(study_uid, frame_of_reference_uid)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+            folder.mkdir(exist_ok=True, mode=0o700)
+        except OSError as exc:
+            self._warn_once("cannot create the folder", exc)
+            return 0
+        written = 0
+        for role in CACHED_ROLES:
+            for group in group_by_plane([im for im in images if im.role == role]):
+                g0 = group[0].geometry
+                ident = f"{origin}|{role.value}|{group[0].series}|{np.round(g0.position_mm, 1).tolist()}"
+                entry = hashlib.sha256(ident.encode()).hexdigest()[:20]
+                try:
+                    self._write_entry(folder, entry, role, group, study_uid, frame_of_reference_uid, origin)
+                    written += 1
+                except OSError as exc:
+                    self._warn_once("cannot write an entry", exc)
+                    return written
+        if written:
+            log.info("study cache: stored %d entr%s (%d images) for study ...%s in %s", written,
+                     "y" if written == 1 else "ies", len(images), study_uid[-8:], folder)
+        self.evict()
+        return written
+
+    def _write_entry(self, folder: Path, entry: str, role: Role, group: list[MRImage], study_uid: str,
+                     for_uid: str, origin: str) -> None:
+        arrays = {f"p{k:04d}": _compact(im.pixels) for k, im in enumerate(group)}
+        npz = folder / f"{entry}.npz"
+        _atomic_write(npz, lambda f: np.savez_compressed(f, **arrays))
+        record = {
+            "version": CACHE_VERSION, "study_uid": study_uid, "frame_of_reference_uid": for_uid,
+            "patient_id": group[0].patient_id, "origin": origin, "created": time.time(), "role": role.value,
+            "series": group[0].series, "npz": npz.name, "npz_bytes": npz.stat().st_size,
+            "images": [{
+                "key": f"p{k:04d}", "geometry": _geometry_dict(im.geometry),
+                "inversion_time_ms": im.inversion_time_ms, "trigger_time_ms": im.trigger_time_ms,
+                "rr_interval_ms": im.rr_interval_ms, "series_description": im.series_description,
+                "meta": {str(mk): _jsonable(mv) for mk, mv in im.meta.items()}, "source": im.source,
+            } for k, im in enumerate(group)],
+        }
+        text = json.dumps(record).encode()
+        _atomic_write(folder / f"{entry}.json", lambda f: f.write(text))
+
+    # ------------------------------------------------------------------ reading
+    def get(self, *, study_uid: str, frame_of_reference_uid: str, exclude_origin: str | None = None) -> list[MRImage]:
+        """Every cached image of a study (cine, IR magnitude, IR phase), oldest entry first.
+
+        Args:
+            exclude_origin: skip entries written by this connection (its own images).
+        """
+        if not (study_uid or frame_of_reference_uid):
+            return []
+        folder = self.root / study_hash(study_uid, frame_of_reference_uid)
+        try:
+            entries = sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime)
+        except OSError as exc:
+            if folder.exists():
+                self._warn_once("cannot list the study folder", exc)
+            return []
+        now = time.time()
+        out: list[MRImage] = []
+        for js in entries:
+            try:
+                if now - js.stat().st_mtime > self.max_age_s:
+                    continue
+                rec = json.loads(js.read_text())
+                if rec.get("version") != CACHE_VERSION or rec.get("study_uid") != study_uid \
+                        or rec.get("frame_of_reference_uid") != frame_of_reference_uid:
+                    continue
+                if exclude_origin is not None and rec.get("origin") == exclude_origin:
+                    continue
+                npz = folder / rec["npz"]
+                if npz.stat().st_size != rec["npz_bytes"]:
+                    log.warning("study cache: %s does not match its record; skipped", npz)
+                    continue
+                role = Role(rec["role"])
+                with np.load(npz) as arrays:
+                    for item in rec["images"]:
+                        out.append(MRImage(
+                            pixels=np.asarray(arrays[item["key"]], np.float32),
+                            geometry=_geometry_from(item["geometry"]), role=role,
+                            series=f"cache:{rec['origin']}:{rec['series']}",
+                            series_description=item.get("series_description", ""),
+                            inversion_time_ms=item.get("inversion_time_ms"), trigger_time_ms=item.get("trigger_time_ms"),
+                            rr_interval_ms=item.get("rr_interval_ms"), study_uid=study_uid,
+                            frame_of_reference_uid=frame_of_reference_uid, patient_id=rec.get("patient_id", ""),
+                            meta=item.get("meta", {}), source=f"study cache ({rec['origin']}: {item.get('source', '')})",
+                        ))
+            except FileNotFoundError:
+                continue  # evicted by another process meanwhile
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.warning("study cache: unreadable entry %s skipped (%s)", js.name, exc)
+        return out
+
+    # ------------------------------------------------------------------ limits
+    def _entries(self) -> list[tuple[float, int, Path, Path]]:
+        """(mtime, bytes, json, npz) of every complete entry."""
+        out = []
+        if not self.root.is_dir():
+            return out
+        for js in self.root.glob("*/*.json"):
+            npz = js.with_suffix(".npz")
+            try:
+                st = js.stat()
+                size = st.st_size + (npz.stat().st_size if npz.exists() else 0)
+                out.append((st.st_mtime, size, js, npz))
+            except OSError:
+                continue
+        return out
+
+    def total_bytes(self) -> int:
+        return sum(e[1] for e in self._entries())
+
+    def evict(self) -> tuple[int, int]:
+        """Delete expired entries, then the oldest until the cache fits ``max_mb``.
+
+        Returns:
+            (entries removed, bytes freed).
+        """
+        removed = freed = 0
+        try:
+            now = time.time()
+            entries = sorted(self._entries())
+            keep = []
+            for mtime, size, js, npz in entries:
+                if now - mtime > self.max_age_s:
+                    self._remove(js, npz)
+                    removed, freed = removed + 1, freed + size
+                else:
+                    keep.append((mtime, size, js, npz))
+            total = sum(e[1] for e in keep)
+            for mtime, size, js, npz in keep:
+                if total <= self.max_bytes:
+                    break
+                self._remove(js, npz)
+                total -= size
+                removed, freed = removed + 1, freed + size
+            # leftovers of interrupted writes, and npz files whose record never landed
+            for p in list(self.root.glob("*/.*.tmp")) + list(self.root.glob("*/*.npz")):
+                try:
+                    if (p.suffix == ".tmp" or not p.with_suffix(".json").exists()) and now - p.stat().st_mtime > _STALE_TMP_S:
+                        p.unlink()
+                except OSError:
+                    pass
+            for d in [d for d in self.root.iterdir() if d.is_dir()]:
+                try:
+                    d.rmdir()  # only succeeds when empty
+                except OSError:
+                    pass
+        except OSError as exc:
+            self._warn_once("eviction failed", exc)
+        if removed:
+            log.info("study cache: evicted %d entr%s (%.1f MB)", removed, "y" if removed == 1 else "ies", freed / 1e6)
+        return removed, freed
+
+    @staticmethod
+    def _remove(js: Path, npz: Path) -> None:
+        for p in (js, npz):  # the record first: a reader never finds a record without pixels
+            try:
+                p.unlink()
+            except FileNotFoundError:
+                pass
