@@ -118,6 +118,22 @@ def test_nested_folders_and_junk_files(tmp_path, caplog):
     assert "colour.dcm" in text and "rendering" in text
 
 
+@pytest.mark.parametrize("implicit", [True, False])
+def test_files_without_preamble_are_read(tmp_path, implicit):
+    if PHANTOM is None:
+        pytest.skip("HCMR ShMOLLI phantom not found")
+    src = PHANTOM / "ShMOLLI_192i_e11_12" / "IM-0001-0001.dcm"
+    ds = pydicom.dcmread(src)
+    del ds.file_meta
+    ds.preamble = None
+    pydicom.dcmwrite(tmp_path / "raw", ds, implicit_vr=implicit, little_endian=True, enforce_file_format=False)
+    assert (tmp_path / "raw").read_bytes()[128:132] != b"DICM"
+    [ex] = read_dicom_folder(tmp_path)
+    [im] = ex.images
+    assert im.role == Role.IR_MAGNITUDE and im.inversion_time_ms == 100.0
+    np.testing.assert_array_equal(im.pixels, pydicom.dcmread(src).pixel_array.astype(np.float32))
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

@@ -100,7 +100,8 @@ def _contract(state: dict, generator: VNEGenerator, model_name: str | None, mode
     )
 
 
-def _torch_export(generator: VNEGenerator, path: Path, exporter: str) -> None:
+def write_onnx(generator: VNEGenerator, path: Path, exporter: str = "dynamo") -> None:
+    """Export ``generator`` (any dtype) to ``path`` with dynamic batch and H, W; no metadata."""
     sample = example_inputs(batch=2, h=4 * generator.pad_multiple, w=6 * generator.pad_multiple, seed=1,
                             n_cine=generator.config.n_cine_frames)
     args = tuple(torch.from_numpy(sample[k]) for k in INPUT_NAMES)
@@ -169,7 +170,7 @@ def export(checkpoint: str | Path, out_path: str | Path, fp16: bool = False, *, 
         body = body.half()
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_suffix(".tmp.onnx")
-    _torch_export(body, tmp, exporter)
+    write_onnx(body, tmp, exporter)
 
     model = onnx.load(str(tmp))
     tmp.unlink()

@@ -25,6 +25,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -192,6 +193,42 @@ def _files(root: Path) -> list[Path]:
     return out
 
 
+_READ_ERRORS = (InvalidDicomError, OSError, EOFError, ValueError, TypeError, AttributeError, KeyError, IndexError)
+
+
+def _dcmread(f: Path) -> Dataset | None:
+    """The dataset, or None when ``f`` is not DICOM. Files without the 128-byte preamble are
+    accepted when a forced read finds an image (SOPClassUID, Rows and PixelData)."""
+    try:
+        return pydicom.dcmread(f)
+    except InvalidDicomError:
+        pass
+    except _READ_ERRORS:
+        return None
+    pd_log = logging.getLogger("pydicom")
+    level = pd_log.level
+    try:
+        pd_log.setLevel(logging.ERROR)  # a forced read of a text file warns about "VR"s
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(f, force=True)
+        if all(k in ds for k in ("SOPClassUID", "Rows", "PixelData")):
+            if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
+                implicit, little = getattr(ds, "original_encoding", (True, True))
+                ds.file_meta = getattr(ds, "file_meta", None) or FileMetaDataset()
+                ds.file_meta.TransferSyntaxUID = (
+                    pydicom.uid.ImplicitVRLittleEndian if implicit
+                    else pydicom.uid.ExplicitVRLittleEndian if little else pydicom.uid.ExplicitVRBigEndian)
+            return ds
+    except _READ_ERRORS:
+        pass
+    except Exception:  # a forced read of arbitrary bytes can fail in many ways
+        pass
+    finally:
+        pd_log.setLevel(level)
+    return None
+
+
 def read_dicom_folder(path, *, rules: RoleRules = DEFAULT_RULES) -> list[Exam]:
     """Read every DICOM MR image under ``path`` (any nesting) into exams, one per study.
 
@@ -215,10 +252,9 @@ def read_dicom_folder(path, *, rules: RoleRules = DEFAULT_RULES) -> list[Exam]:
     exams: "OrderedDict[str, Exam]" = OrderedDict()
     skipped: list[str] = []
     for f in files:
-        try:
-            ds = pydicom.dcmread(f)
-        except (InvalidDicomError, OSError, EOFError, ValueError, TypeError, AttributeError, KeyError) as exc:
-            log.warning("skipping %s: not a readable DICOM file (%s)", f, exc.__class__.__name__)
+        ds = _dcmread(f)
+        if ds is None:
+            log.warning("skipping %s: not a readable DICOM file", f)
             skipped.append(f"{f.name}: not DICOM")
             continue
         if f.name.upper() == "DICOMDIR" or "PixelData" not in ds:

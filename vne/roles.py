@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 from .exam import InputError, Role
@@ -144,7 +144,7 @@ class RoleRules:
     ir_series_pattern: str = r"(sh)?molli|look.?locker|t1.?mapping|\bll[_\s]"
     ir_comment_pattern: str = r"\bTI ?eff\b|\bTI\s*[=:]?\s*\d+(\.\d+)?\s*ms"
     phase_image_type_pattern: str = r"^(p|pha|phase)$"
-    cine_pattern: str = r"cine|trufi|bssfp|\bssfp|fiesta|balanced|(^|[_\s])sax|\bsa\b|[234] ?ch|lvot|(^|[_\s])lax|retro"
+    cine_pattern: str = r"cine|trufi|bssfp|\bssfp|fiesta|balanced|(^|[_\s])sax|(^|[_\s])sa([_\s]|$)|[234] ?ch|lvot|(^|[_\s])lax|retro"
     cine_image_type_pattern: str = r"^(retro|cine)$"
     phase_without_ti_is_unknown: bool = True
     cine_by_trigger_time: bool = False

@@ -192,6 +192,13 @@ def _stack_on(images: list[MRImage], target: Geometry) -> tuple[np.ndarray, np.n
     return resample_to_grid(stack, src, target)
 
 
+def _phase_on(images: list[MRImage], target: Geometry) -> np.ndarray:
+    """Phase images (rad) onto ``target``: cos and sin are resampled, so the +-pi wrap is safe."""
+    cos = [MRImage(**{**im.__dict__, "pixels": np.cos(np.asarray(im.pixels, np.float32))}) for im in images]
+    sin = [MRImage(**{**im.__dict__, "pixels": np.sin(np.asarray(im.pixels, np.float32))}) for im in images]
+    return np.arctan2(_stack_on(sin, target)[0], _stack_on(cos, target)[0]).astype(np.float32)
+
+
 def on_t1_grid(s: SliceSet) -> SliceOnGrid:
     """Resample one matched slice onto its T1 grid and restore the IR sign.
 
@@ -209,7 +216,7 @@ def on_t1_grid(s: SliceSet) -> SliceOnGrid:
         raise InputError(f"{s.key}: T1 map contains NaN or inf")
     ir, _ = _stack_on(s.ir_images, target)
     ti = np.array([im.inversion_time_ms for im in s.ir_images], np.float32)
-    phase = _stack_on(s.ir_phase, target)[0] if s.ir_phase else None
+    phase = _phase_on(s.ir_phase, target) if s.ir_phase else None
     ir_signed = restore_polarity(ir, ti, ir_phase=phase)
     cine, inside = _stack_on(s.cine_frames, target)
     coverage = float(inside.mean())

@@ -1,0 +1,30 @@
+"""The VNE gadget for Gadgetron's Python external interface (``gadgetron.external``).
+
+Gadgetron starts it per stream (``<execute name="gadgets.vne_gadget" target="gadget"
+type="python"/>``: ``python -m gadgetron <port> gadgets.vne_gadget gadget``), or ``vne serve``
+runs it behind a listening socket (``<connect port="18000"/>``). Either way Gadgetron sends the
+``<configuration>`` of the ``<external>`` node (CONFIG), the ISMRMRD header (HEADER), the
+images, then CLOSE; ``gadgetron.external.Connection`` parses the first two into
+``connection.config`` (an ElementTree element) and ``connection.header``.
+
+The gadget is thin: every item is sent on at once, unchanged, and :mod:`vne.pipeline` adds the
+VNE series when a slice is complete (properties: :data:`vne.pipeline.PROPERTY_DOCS`,
+docs/gadget.md). It never raises on bad data; on a lost connection it logs and returns.
+"""
+from __future__ import annotations
+
+from vne.pipeline import PipelineConfig, run_connection
+
+
+def gadget(connection, defaults: PipelineConfig | None = None, model=None):
+    """Process one Gadgetron external connection (pass-through first, then VNE images).
+
+    Args:
+        connection: ``gadgetron.external.Connection``.
+        defaults: settings under the connection's properties (``vne serve`` options).
+        model: a loaded :class:`vne.model.VNEModel` to reuse (``vne serve``).
+
+    Returns:
+        the :class:`vne.pipeline.VNEPipeline` that served the connection.
+    """
+    return run_connection(connection, defaults, model=model)

@@ -1,0 +1,246 @@
+"""Shared helpers for the gadget / pipeline / infer tests (imported by the test modules).
+
+Everything expensive is made once per test process (``functools.lru_cache``), whichever test
+module asks first:
+
+- :func:`sim_dir`: ``vne simulate --cases 1 --seed 1 --dicom --no-cache`` through the real CLI
+  (one small case: 3 slices, 129 ISMRMRD images, DICOM folders);
+- :func:`tiny_model`: a small randomly initialised VNE generator exported to ONNX with the
+  ``vne_contract`` metadata. It uses ``training.export`` when that module offers
+  ``export_random``; otherwise ``training.networks.VNEGenerator`` (tiny widths) exported here
+  with ``torch.onnx.export``; and if ``training.networks`` cannot be imported, a tiny torch
+  module with the same four named inputs and the ``vne`` output. The weights are random:
+  these tests check the data path, not the image quality.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import io
+import shutil
+import socket
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+_TMP = Path(tempfile.mkdtemp(prefix="vne-test-"))
+
+
+@functools.lru_cache(maxsize=None)
+def sim_dir() -> Path:
+    from vne.cli import main
+
+    out = _TMP / "sim"
+    assert main(["simulate", "--cases", "1", "--seed", "1", "--out", str(out), "--dicom", "--no-cache"]) == 0
+    return out
+
+
+def sim_h5() -> Path:
+    return next((sim_dir() / "mrd").glob("*.h5"))
+
+
+def sim_dicom() -> Path:
+    return next((sim_dir() / "dicom").iterdir())
+
+
+@functools.lru_cache(maxsize=None)
+def sim_stream() -> tuple[str, list]:
+    """(header XML, images in scanner order) of the simulated case."""
+    from vne.mrd_io import read_mrd_file
+
+    return read_mrd_file(sim_h5())
+
+
+def _export_torch(module, path: Path, n_cine: int, n_ir: int) -> None:
+    import torch
+
+    h = w = 32
+    x = (torch.rand(1, n_cine, h, w), torch.rand(1, n_ir, h, w), torch.rand(1, n_ir) * 1000,
+         torch.rand(1, 1, h, w) * 1000)
+    spatial = {0: "batch", 2: "height", 3: "width"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _onnx_export(torch, module, x, path, spatial)
+
+
+def _onnx_export(torch, module, x, path, spatial) -> None:
+    torch.onnx.export(module.eval(), x, str(path), input_names=["cine", "ir", "ir_ti_ms", "t1_map_ms"],
+                      output_names=["vne"], opset_version=17, dynamo=False,
+                      dynamic_axes={"cine": spatial, "ir": spatial, "ir_ti_ms": {0: "batch"}, "t1_map_ms": spatial,
+                                    "vne": spatial})
+
+
+def _fallback_module(n_cine: int, n_ir: int):
+    import torch
+    from torch import nn
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(n_cine + n_ir + 1, 1, 3, padding=1)
+
+        def forward(self, cine, ir, ir_ti_ms, t1_map_ms):
+            t1 = (t1_map_ms - 1000.0) / 500.0
+            z = torch.cat([cine / (cine.abs().mean() + 1e-6), ir / (ir.abs().mean() + 1e-6), t1], dim=1)
+            return self.conv(z) + 0.0 * ir_ti_ms.mean()
+
+    return Tiny(), 1
+
+
+def set_contract(path: Path, contract_json: str | None) -> None:
+    """Write (or remove, with None) the ``vne_contract`` metadata of an ONNX file."""
+    import onnx
+
+    m = onnx.load(str(path))
+    keep = [p for p in m.metadata_props if p.key != "vne_contract"]
+    del m.metadata_props[:]
+    m.metadata_props.extend(keep)
+    if contract_json is not None:
+        m.metadata_props.add(key="vne_contract", value=contract_json)
+    onnx.save(m, str(path))
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_model(n_ir_images: int = 7, name: str = "vne-sim-test", version: str = "0.0.1") -> Path:
+    """A tiny random VNE model (ONNX) with its contract; cached per (n_ir_images, name, version)."""
+    from vne.contract import ModelContract
+
+    torch_seed = 0
+    import torch
+
+    torch.manual_seed(torch_seed)
+    out = _TMP / f"{name}-{version}-ir{n_ir_images}.onnx"
+    pad = 8
+    try:
+        export = importlib.import_module("training.export")
+    except ImportError:
+        export = None
+    if export is not None and hasattr(export, "export_random"):
+        export.export_random(out, n_ir_images=n_ir_images, name=name, version=version)  # pragma: no cover
+        return out
+    try:
+        from training.networks import GeneratorConfig, VNEGenerator
+
+        g = VNEGenerator(GeneratorConfig(n_ir_images=n_ir_images, base_channels=4, depth=2, fusion_channels=8,
+                                         head_channels=4, film_hidden=8))
+        pad = g.pad_multiple
+    except ImportError:
+        g, pad = _fallback_module(25, n_ir_images)
+    _export_torch(g, out, 25, n_ir_images)
+    set_contract(out, ModelContract(n_ir_images=n_ir_images, pad_multiple=pad, model_name=name,
+                                    model_version=version).to_json())
+    return out
+
+
+def copy_model(dst: Path, **kw) -> Path:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(tiny_model(**kw), dst)
+    return dst
+
+
+# ---------------------------------------------------------------------------- the Gadgetron side
+def image_bytes(img) -> bytes:
+    return img.to_bytes()
+
+
+def play_gadgetron(sock: socket.socket, header_xml: str, images: list, config_xml: str = "<configuration/>",
+                   *, close: bool = True, timeout: float = 120.0, int32_safe: bool = False) -> list:
+    """Play Gadgetron's side of an external-gadget connection on a connected socket.
+
+    Sends CONFIG (text), HEADER, every image and CLOSE with ``ismrmrd.serialization`` (from a
+    second thread, as Gadgetron's input and output channels run concurrently), and reads every
+    reply until the gadget's CLOSE. With ``close=False`` the write side is shut down after
+    the images instead of sending CLOSE (a stream that drops mid-study).
+
+    Returns:
+        every image received, in order.
+    """
+    from ismrmrd.serialization import ConfigText, ProtocolDeserializer, ProtocolSerializer
+
+    from vne.mrd_io import parse_header
+
+    sock.settimeout(timeout)
+    errors: list[BaseException] = []
+
+    class _W:
+        def write(self, b):
+            sock.sendall(bytes(b))
+
+        def flush(self):
+            pass
+
+    def send():
+        try:
+            ser = ProtocolSerializer(_W())
+            ser.serialize(ConfigText(config_xml))
+            ser.serialize(parse_header(header_xml))
+            for im in images:
+                if isinstance(im, bytes):
+                    sock.sendall(b"\xfe\x03" + im)  # message id 1022 (IMAGE), little endian
+                else:
+                    ser.serialize(im)
+            if close:
+                ser.close()
+            else:
+                sock.shutdown(socket.SHUT_WR)
+        except BaseException as exc:  # surfaced by the caller
+            errors.append(exc)
+
+    t = threading.Thread(target=send, daemon=True)
+    t.start()
+    received = []
+    reader = sock.makefile("rb")
+    try:
+        for item in (_read_int32_safe(reader) if int32_safe else ProtocolDeserializer(reader).deserialize()):
+            received.append(item)
+    except EOFError:
+        if close:
+            raise
+    t.join(timeout)
+    if errors:
+        raise errors[0]
+    return received
+
+
+def _read_int32_safe(reader):
+    import struct
+
+    from vne.pipeline import read_image_safely
+
+    while True:
+        mid = reader.read(2)
+        if len(mid) < 2:
+            raise EOFError("no CLOSE")
+        (mid,) = struct.unpack("<H", mid)
+        if mid == 4:
+            return
+        if mid != 1022:
+            raise ValueError(f"unexpected message {mid}")
+        yield read_image_safely(reader)
+
+
+def split_outputs(received: list, input_series: set[int]) -> tuple[list, list]:
+    """(pass-through images, VNE images) of a reply, by image_series_index."""
+    import ismrmrd
+
+    ims = [r for r in received if isinstance(r, ismrmrd.Image)]
+    return [r for r in ims if r.image_series_index in input_series], [r for r in ims if r.image_series_index not in input_series]
+
+
+def serialized(images) -> list[bytes]:
+    buf = []
+    for im in images:
+        b = io.BytesIO()
+        im.serialize_into(b.write)
+        buf.append(b.getvalue())
+    return buf
+
+
+def geometry_fields(img) -> tuple:
+    return (tuple(np.round(img.position, 4)), tuple(np.round(img.read_dir, 5)), tuple(np.round(img.phase_dir, 5)),
+            tuple(np.round(img.slice_dir, 5)), tuple(np.round(img.field_of_view, 4)), tuple(img.matrix_size),
+            int(img.slice))

@@ -1,0 +1,146 @@
+"""``vne serve``: the VNE gadget as a long-running external process (Gadgetron connect mode).
+
+Gadgetron's ``<external><connect port="18000" address="127.0.0.1"/>`` (``pipelines_xml/vne-connect.xml``)
+connects here for every stream. Each connection is a ``gadgetron.external.Connection`` handed
+to :func:`gadgets.vne_gadget.gadget`, exactly as ``gadgetron.external.listen`` does for one
+connection; this server keeps accepting (one thread per connection) and keeps the model loaded
+and warm between them (one ONNX Runtime session per process, :func:`vne.model.load_model`).
+
+The server binds to loopback (127.0.0.1) by default: the stream carries patient data and the
+protocol has no authentication. A model that cannot be loaded is reported once at start; the
+server still serves (pass-through only) so the scanner's images are never held up.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import sys
+import threading
+import time
+
+from ..exam import InputError
+
+NAME = "serve"
+HELP = "serve the VNE gadget for Gadgetron <external><connect port=.../> (loopback by default)"
+DEFAULT_PORT = 18000
+
+log = logging.getLogger("vne.serve")
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 exposes it)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 picks a free one)")
+    p.add_argument("--model", default=None, help="ONNX model (default: newest models/vne-sim-*.onnx)")
+    p.add_argument("--cache-dir", default=None, help="study cache folder (default $VNE_CACHE_DIR or <tmp>/vne-study-cache-<uid>)")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    p.add_argument("--max-connections", type=int, default=0, help="exit after this many connections (0: run until stopped)")
+    p.add_argument("--no-warmup", action="store_true", help="skip the warm-up inference at start")
+    p.add_argument("--property", "-p", action="append", default=[], metavar="NAME=VALUE",
+                   help="a default gadget property (connections' own properties override it); repeatable")
+
+
+def _handle(conn: socket.socket, peer, defaults, model) -> None:
+    from gadgetron.external import Connection
+
+    from ..pipeline import EOFGuardSocket
+
+    try:
+        from gadgets.vne_gadget import gadget
+    except ImportError:  # the library alone is installed
+        from ..pipeline import run_connection as gadget
+    t0 = time.perf_counter()
+    try:
+        conn.settimeout(None)
+        with Connection(EOFGuardSocket(conn)) as c:
+            p = gadget(c, defaults, model=model)
+        log.info("connection from %s done in %.1f s: %d items, %d VNE image(s)", peer, time.perf_counter() - t0,
+                 p.n_items, len(p.results))
+    except (AssertionError, ConnectionError, OSError, EOFError) as exc:
+        log.error("connection from %s failed before or during the stream (%s: %s); expected CONFIG (text), "
+                  "HEADER, images, CLOSE", peer, exc.__class__.__name__, exc)
+    except Exception as exc:  # a broken header, an unreadable message
+        log.error("connection from %s failed (%s: %s)", peer, exc.__class__.__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+    finally:
+        try:
+            conn.close()
+        except OSError:
+            pass
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on (host, port); InputError with one line when that fails."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise InputError(f"cannot resolve --host {host}: {exc}") from None
+    family, stype, proto, _, addr = infos[0]
+    srv = socket.socket(family, stype, proto)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        srv.bind(addr)
+    except OSError as exc:
+        srv.close()
+        raise InputError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    srv.listen(16)
+    return srv
+
+
+def serve(srv: socket.socket, defaults, model, *, max_connections: int = 0, stop: threading.Event | None = None) -> int:
+    """Accept connections on ``srv`` until ``stop`` is set or ``max_connections`` were served."""
+    stop = stop or threading.Event()
+    srv.settimeout(0.5)
+    workers: list[threading.Thread] = []
+    n = 0
+    try:
+        while not stop.is_set():
+            try:
+                conn, peer = srv.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                break
+            n += 1
+            log.info("connection %d from %s", n, peer)
+            t = threading.Thread(target=_handle, args=(conn, peer, defaults, model), name=f"vne-conn-{n}", daemon=True)
+            t.start()
+            workers = [w for w in workers if w.is_alive()] + [t]
+            if max_connections and n >= max_connections:
+                break
+    finally:
+        srv.close()
+        for w in workers:
+            w.join()
+    return n
+
+
+def run(args) -> int:
+    from ..model import load_model
+    from ..pipeline import PipelineConfig
+    from .infer import parse_properties
+
+    base = PipelineConfig(model=args.model, cache_dir=args.cache_dir, intra_op_threads=args.threads)
+    defaults = PipelineConfig.from_properties(parse_properties(args.property), base=base)
+    model = None
+    try:
+        model = load_model(defaults.model or None, intra_op_threads=defaults.intra_op_threads,
+                           prefer_gpu=defaults.prefer_gpu, batch_size=defaults.batch_size)
+        if not args.no_warmup:
+            log.info("warm-up inference: %.2f s", model.warm_up((256, 256)))
+    except InputError as exc:
+        log.error("VNE model unusable: %s; serving pass-through only", exc)
+        print(f"vne serve: error: {exc} (serving pass-through only)", file=sys.stderr, flush=True)
+    srv = bind(args.host, args.port)
+    host, port = srv.getsockname()[:2]
+    stop = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    what = f"{model.name} {model.version} on {', '.join(model.providers)}" if model else "no model: pass-through"
+    print(f"vne serve: listening on {host}:{port} ({what})", flush=True)
+    try:
+        n = serve(srv, defaults, model, max_connections=args.max_connections, stop=stop)
+    except KeyboardInterrupt:
+        stop.set()
+        n = -1
+    print(f"vne serve: stopped after {n} connection(s)" if n >= 0 else "vne serve: interrupted", flush=True)
+    return 0
