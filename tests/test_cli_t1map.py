@@ -1,9 +1,7 @@
 """`vne t1map` end to end on the real ShMOLLI phantom, through vne.cli.main."""
 from __future__ import annotations
 
-import os
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -14,32 +12,14 @@ from vne.dicom_io import read_dicom_folder
 from vne.exam import Role
 
 
-def _phantom_dir() -> Path | None:
-    """The HCMR ShMOLLI phantom: ../shared/data next to the checkout, else $VNE_SHARED_DATA."""
-    candidates = [Path(__file__).resolve().parents[2] / "shared" / "data" / "hcmr-shmolli-phantom"]
-    env = os.environ.get("VNE_SHARED_DATA")
-    if env:
-        candidates += [Path(env) / "hcmr-shmolli-phantom", Path(env)]
-    for c in candidates:
-        if (c / "ShMOLLI_192i_e11_12").is_dir():
-            return c
-    return None
-
-
-PHANTOM = _phantom_dir()
-pytestmark = pytest.mark.skipif(
-    PHANTOM is None, reason="HCMR ShMOLLI phantom not found (../shared/data/hcmr-shmolli-phantom or $VNE_SHARED_DATA)"
-)
-
-
 @pytest.fixture(scope="module")
-def t1map_run(tmp_path_factory):
+def t1map_run(tmp_path_factory, phantom_dir):
     out = tmp_path_factory.mktemp("t1map") / "out"
-    rc = main(["t1map", str(PHANTOM), "--out", str(out)])
+    rc = main(["t1map", str(phantom_dir), "--out", str(out)])
     return rc, out
 
 
-def test_t1map_writes_t1_and_r2_series(t1map_run, capsys):
+def test_t1map_writes_t1_and_r2_series(t1map_run, phantom_dir, capsys):
     rc, out = t1map_run
     assert rc == 0
     folders = sorted(p.name for p in out.iterdir())
@@ -53,7 +33,7 @@ def test_t1map_writes_t1_and_r2_series(t1map_run, capsys):
     assert t1.meta["ImageType"] == ["DERIVED", "PRIMARY", "T1 MAP", "VNE"]
     assert r2.series_description == "ShMOLLI_192i_e11_T1MAP_VNE_RSQUARE"
     # same study, patient, frame of reference and geometry as the source IR images
-    [src] = read_dicom_folder(PHANTOM)
+    [src] = read_dicom_folder(phantom_dir)
     ir = src.by_role(Role.IR_MAGNITUDE)[0]
     assert ex.study_uid == src.study_uid and ex.patient_id == src.patient_id
     assert t1.frame_of_reference_uid == ir.frame_of_reference_uid
@@ -62,7 +42,7 @@ def test_t1map_writes_t1_and_r2_series(t1map_run, capsys):
     assert t1.geometry.shape == ir.geometry.shape and t1.geometry.pixel_spacing_mm == ir.geometry.pixel_spacing_mm
     # values: ms, close to the scanner's map where both fitted; R^2 stored x4000, read back in [0, 1]
     ref = src.by_role(Role.T1_MAP)[0].pixels
-    fit_range = pydicom.dcmread(PHANTOM / "ShMOLLI_192i_e11_FITPARAMS_15" / "IM-0004-0005.dcm").pixel_array
+    fit_range = pydicom.dcmread(phantom_dir / "ShMOLLI_192i_e11_FITPARAMS_15" / "IM-0004-0005.dcm").pixel_array
     both = (ref > 0) & (fit_range > 0) & (t1.pixels > 0)
     assert np.median(np.abs(t1.pixels[both] - ref[both]) / ref[both]) < 0.01
     assert r2.pixels.min() >= 0 and r2.pixels.max() <= 1.0 and np.median(r2.pixels[both]) > 0.99
@@ -70,17 +50,17 @@ def test_t1map_writes_t1_and_r2_series(t1map_run, capsys):
     assert raw.pixel_array.max() <= 4000 and float(raw.RescaleSlope) == pytest.approx(1 / 4000)
 
 
-def test_t1map_summary_is_one_line(tmp_path, capsys):
-    rc = main(["t1map", str(PHANTOM), "--out", str(tmp_path / "o"), "--scheme", "molli"])
+def test_t1map_summary_is_one_line(tmp_path, capsys, phantom_dir):
+    rc = main(["t1map", str(phantom_dir), "--out", str(tmp_path / "o"), "--scheme", "molli"])
     assert rc == 0
     lines = [l for l in capsys.readouterr().out.splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith("vne t1map: 1 slice(s) from 1 IR series (1 with phase)")
     # rerunning into the same folder replaces the series
-    assert main(["t1map", str(PHANTOM), "--out", str(tmp_path / "o")]) == 0
+    assert main(["t1map", str(phantom_dir), "--out", str(tmp_path / "o")]) == 0
     assert len(list((tmp_path / "o").rglob("*.dcm"))) == 2
 
 
-def test_t1map_bad_input_is_a_one_line_error(tmp_path, capsys):
+def test_t1map_bad_input_is_a_one_line_error(tmp_path, capsys, phantom_dir):
     (tmp_path / "empty").mkdir()
     assert main(["t1map", str(tmp_path / "empty"), "--out", str(tmp_path / "o1")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -88,7 +68,7 @@ def test_t1map_bad_input_is_a_one_line_error(tmp_path, capsys):
     # a folder with a T1 map but no IR series
     only_map = tmp_path / "only_map"
     only_map.mkdir()
-    shutil.copy(PHANTOM / "ShMOLLI_192i_e11_T1MAP_14" / "IM-0003-0002.dcm", only_map)
+    shutil.copy(phantom_dir / "ShMOLLI_192i_e11_T1MAP_14" / "IM-0003-0002.dcm", only_map)
     assert main(["t1map", str(only_map), "--out", str(tmp_path / "o2")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no IR-weighted magnitude series" in err[0] and "1 t1_map" in err[0]
@@ -96,7 +76,7 @@ def test_t1map_bad_input_is_a_one_line_error(tmp_path, capsys):
     # ShMOLLI forced on a series with the wrong number of images names the series
     few = tmp_path / "few"
     few.mkdir()
-    for f in sorted((PHANTOM / "ShMOLLI_192i_e11_12").glob("*.dcm"))[:5]:
+    for f in sorted((phantom_dir / "ShMOLLI_192i_e11_12").glob("*.dcm"))[:5]:
         shutil.copy(f, few)
     assert main(["t1map", str(few), "--out", str(tmp_path / "o3"), "--scheme", "shmolli"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -16,26 +14,9 @@ from vne.exam import Geometry, InputError, MRImage, Role
 from vne.geometry import pixel_centres_mm
 
 
-def _phantom_dir() -> Path | None:
-    """The HCMR ShMOLLI phantom: ../shared/data next to the checkout, else $VNE_SHARED_DATA."""
-    candidates = [Path(__file__).resolve().parents[2] / "shared" / "data" / "hcmr-shmolli-phantom"]
-    env = os.environ.get("VNE_SHARED_DATA")
-    if env:
-        candidates += [Path(env) / "hcmr-shmolli-phantom", Path(env)]
-    for c in candidates:
-        if (c / "ShMOLLI_192i_e11_12").is_dir():
-            return c
-    return None
-
-
-PHANTOM = _phantom_dir()
-
-
 @pytest.fixture(scope="module")
-def phantom_exam():
-    if PHANTOM is None:
-        pytest.skip("HCMR ShMOLLI phantom not found (../shared/data/hcmr-shmolli-phantom or $VNE_SHARED_DATA)")
-    exams = read_dicom_folder(PHANTOM)
+def phantom_exam(phantom_dir):
+    exams = read_dicom_folder(phantom_dir)
     assert len(exams) == 1
     return exams[0]
 
@@ -101,14 +82,12 @@ def test_phantom_pixels_in_physical_units(phantom_exam):
     assert mag.pixels.dtype == np.float32 and mag.pixels.shape == (288, 384)
 
 
-def test_nested_folders_and_junk_files(tmp_path, caplog):
-    if PHANTOM is None:
-        pytest.skip("HCMR ShMOLLI phantom not found")
+def test_nested_folders_and_junk_files(tmp_path, caplog, phantom_dir):
     deep = tmp_path / "a" / "b" / "c"
     deep.mkdir(parents=True)
-    for f in sorted((PHANTOM / "ShMOLLI_192i_e11_12").glob("*.dcm"))[:2]:
+    for f in sorted((phantom_dir / "ShMOLLI_192i_e11_12").glob("*.dcm"))[:2]:
         shutil.copy(f, deep / f.name)
-    shutil.copy(PHANTOM / "ShMOLLI_192i_e11_T1MAP_14" / "IM-0003-0001.dcm", tmp_path / "a" / "colour.dcm")
+    shutil.copy(phantom_dir / "ShMOLLI_192i_e11_T1MAP_14" / "IM-0003-0001.dcm", tmp_path / "a" / "colour.dcm")
     (tmp_path / "a" / "notes.txt").write_text("not a dicom file")
     with caplog.at_level(logging.WARNING, logger="vne.dicom_io"):
         exams = read_dicom_folder(tmp_path)
@@ -119,10 +98,8 @@ def test_nested_folders_and_junk_files(tmp_path, caplog):
 
 
 @pytest.mark.parametrize("implicit", [True, False])
-def test_files_without_preamble_are_read(tmp_path, implicit):
-    if PHANTOM is None:
-        pytest.skip("HCMR ShMOLLI phantom not found")
-    src = PHANTOM / "ShMOLLI_192i_e11_12" / "IM-0001-0001.dcm"
+def test_files_without_preamble_are_read(tmp_path, implicit, phantom_dir):
+    src = phantom_dir / "ShMOLLI_192i_e11_12" / "IM-0001-0001.dcm"
     ds = pydicom.dcmread(src)
     del ds.file_meta
     ds.preamble = None

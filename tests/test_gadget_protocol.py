@@ -15,9 +15,7 @@ import re
 import socket
 import subprocess
 import sys
-import threading
 import time
-from html import escape
 from pathlib import Path
 
 import ismrmrd
@@ -39,49 +37,6 @@ def stream():
 @pytest.fixture(scope="module")
 def model() -> Path:
     return H.tiny_model()
-
-
-def config_xml(**props) -> str:
-    body = "".join(f'<property name="{escape(k)}" value="{escape(str(v))}"/>' for k, v in props.items())
-    return f"<configuration>{body}</configuration>"
-
-
-def listen_local() -> socket.socket:
-    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(1)
-    srv.settimeout(60)
-    return srv
-
-
-def run_in_thread(header: str, images: list, config: str, **kw) -> tuple[list, object]:
-    """Gadgetron's side on one end of a TCP connection, the real gadget on the other (thread)."""
-    from gadgetron.external import Connection
-
-    from gadgets.vne_gadget import gadget
-
-    srv = listen_local()
-    port = srv.getsockname()[1]
-    box = {}
-
-    def gadget_side():
-        with Connection(socket.create_connection(("127.0.0.1", port), 30)) as conn:
-            box["pipeline"] = gadget(conn)
-
-    t = threading.Thread(target=gadget_side, daemon=True)
-    t.start()
-    sock, _ = srv.accept()
-    srv.close()
-    try:
-        received = H.play_gadgetron(sock, header, images, config, **kw)
-    finally:
-        sock.close()
-    t.join(60)
-    assert not t.is_alive(), "gadget did not return"
-    p = box["pipeline"]
-    if p.cache_thread is not None:
-        p.cache_thread.join()
-    return received, p
 
 
 def check_vne_images(vne: list, inputs: list, n_expected: int, dtype=np.float32) -> None:
@@ -110,14 +65,14 @@ def test_execute_mode_one_stream_as_gadgetron_starts_it(stream, model, tmp_path)
     """Execute mode: Gadgetron listens, starts ``python -m gadgetron PORT gadgets.vne_gadget gadget``
     and streams the whole exam (every series in one stream); the subprocess is the real thing."""
     header, images = stream
-    srv = listen_local()
+    srv = H.listen_local()
     port = srv.getsockname()[1]
     env = {**os.environ, "GADGETRON_EXTERNAL_LOG_LEVEL": "INFO"}
     proc = subprocess.Popen([PY, "-m", "gadgetron", str(port), "gadgets.vne_gadget", "gadget"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         sock, _ = srv.accept()
-        received = H.play_gadgetron(sock, header, images, config_xml(model=model, cache_dir=tmp_path / "cache"))
+        received = H.play_gadgetron(sock, header, images, H.config_xml(model=model, cache_dir=tmp_path / "cache"))
         sock.close()
         log_text = proc.communicate(timeout=60)[0]
     finally:
@@ -141,18 +96,18 @@ def test_two_connections_cine_first_then_t1_mapping_finds_cine_in_the_study_cach
     connection yields no VNE but fills the cache; the T1-mapping connection finds the cine."""
     header, images = stream
     cache = tmp_path / "cache"
-    cfg = config_xml(model=model, cache_dir=cache)
+    cfg = H.config_xml(model=model, cache_dir=cache)
     cine = [im for im in images if im.image_series_index == 1]
     rest = [im for im in images if im.image_series_index != 1]
     header2 = re.sub(r"<measurementID>[^<]*</measurementID>", "<measurementID>t1-scan</measurementID>", header)
 
-    got1, p1 = run_in_thread(header, cine, cfg)
+    got1, p1 = H.run_in_thread(header, cine, cfg)
     passed1, vne1 = H.split_outputs(got1, {1})
     assert H.serialized(passed1) == H.serialized(cine) and vne1 == []
     assert any("no T1 map in this stream" in m for m in p1.problems)
     assert list(cache.glob("*/*.json")), "cine not stored in the study cache"
 
-    got2, p2 = run_in_thread(header2, rest, cfg)
+    got2, p2 = H.run_in_thread(header2, rest, cfg)
     passed2, vne2 = H.split_outputs(got2, {im.image_series_index for im in rest})
     assert H.serialized(passed2) == H.serialized(rest)
     check_vne_images(vne2, rest, 3)
@@ -163,7 +118,7 @@ def test_uint16_output_and_series_index_property(stream, model, tmp_path):
     """Properties reach the gadget through Gadgetron's CONFIG message (real socket, thread)."""
     header, images = stream
     one = [im for im in images if im.slice == 0]
-    got, p = run_in_thread(header, one, config_xml(model=model, cache_dir="none", pixel_type="uint16", series_index=99))
+    got, p = H.run_in_thread(header, one, H.config_xml(model=model, cache_dir="none", pixel_type="uint16", series_index=99))
     vne = [r for r in got if isinstance(r, ismrmrd.Image) and r.image_series_index == 99]
     assert len(vne) == 1 and vne[0].data.dtype == np.uint16 and vne[0].image_index == 1
     m = vne[0].meta

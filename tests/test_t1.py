@@ -1,7 +1,6 @@
 """T1 fitting: reference pixel vectors, synthetic vectorised correctness, and the real phantom."""
 from __future__ import annotations
 
-import os
 import re
 import time
 from pathlib import Path
@@ -15,22 +14,6 @@ from vne.exam import InputError
 from vne.t1 import detect_scheme, fit_t1, phase_signs, restore_polarity
 
 
-def _phantom_dir() -> Path | None:
-    """The HCMR ShMOLLI phantom: ../shared/data next to the checkout, else $VNE_SHARED_DATA."""
-    candidates = [Path(__file__).resolve().parents[2] / "shared" / "data" / "hcmr-shmolli-phantom"]
-    env = os.environ.get("VNE_SHARED_DATA")
-    if env:
-        candidates += [Path(env) / "hcmr-shmolli-phantom", Path(env)]
-    for c in candidates:
-        if (c / "ShMOLLI_192i_e11_12").is_dir():
-            return c
-    return None
-
-
-PHANTOM = _phantom_dir()
-needs_phantom = pytest.mark.skipif(
-    PHANTOM is None, reason="HCMR ShMOLLI phantom not found (../shared/data/hcmr-shmolli-phantom or $VNE_SHARED_DATA)"
-)
 SHMOLLI_TI = np.array([100.0, 1100.0, 2100.0, 3100.0, 4100.0, 180.0, 260.0])  # acquisition order
 
 
@@ -60,11 +43,10 @@ def _fit_vector(d, scheme, with_phase):
 # tests compare the third value with T1star (the phantom README calls it T1).
 
 
-@needs_phantom
 @pytest.mark.parametrize("name", ["T1_blood", "T1_myocardium"])
 @pytest.mark.parametrize("with_phase", [True, False])
-def test_shmolli_pixel_vectors(name, with_phase):
-    d = _load_vector(PHANTOM / "pixel-vectors" / f"{name}.yaml")
+def test_shmolli_pixel_vectors(name, with_phase, phantom_dir):
+    d = _load_vector(phantom_dir / "pixel-vectors" / f"{name}.yaml")
     r = _fit_vector(d, "shmolli", with_phase)
     a, b, t1s = d["resultsShmolli"]
     assert r.a[0, 0] == pytest.approx(a, rel=0.01)
@@ -75,10 +57,9 @@ def test_shmolli_pixel_vectors(name, with_phase):
     assert r.signs[:, 0, 0].tolist() == d["signs"].astype(int).tolist()
 
 
-@needs_phantom
 @pytest.mark.parametrize("name,with_phase", [("T1_blood", True), ("T1_myocardium", True), ("T1_blood", False), ("T1_long", False)])
-def test_molli_pixel_vectors(name, with_phase):
-    d = _load_vector(PHANTOM / "pixel-vectors" / f"{name}.yaml")
+def test_molli_pixel_vectors(name, with_phase, phantom_dir):
+    d = _load_vector(phantom_dir / "pixel-vectors" / f"{name}.yaml")
     r = _fit_vector(d, "molli", with_phase)
     a, b, t1s = d["resultsMolli"]
     assert r.a[0, 0] == pytest.approx(a, rel=0.01)
@@ -87,11 +68,10 @@ def test_molli_pixel_vectors(name, with_phase):
     assert r.n_samples_used[0, 0] == d["invTimes"].size
 
 
-@needs_phantom
-def test_five_sample_vector_equals_the_shmolli_five_sample_fit():
-    d5 = _load_vector(PHANTOM / "pixel-vectors" / "T1_blood_5samples.yaml")
+def test_five_sample_vector_equals_the_shmolli_five_sample_fit(phantom_dir):
+    d5 = _load_vector(phantom_dir / "pixel-vectors" / "T1_blood_5samples.yaml")
     r5 = _fit_vector(d5, "molli", True)
-    d7 = _load_vector(PHANTOM / "pixel-vectors" / "T1_blood.yaml")
+    d7 = _load_vector(phantom_dir / "pixel-vectors" / "T1_blood.yaml")
     r7 = _fit_vector(d7, "shmolli", True)
     # the 5-sample fit of inversion 1 and ShMOLLI's 6-sample choice agree within 0.1 %
     assert r5.t1_ms[0, 0] == pytest.approx(r7.t1_ms[0, 0], rel=1e-3)
@@ -236,7 +216,7 @@ def test_detect_scheme_and_input_errors():
 # ----------------------------------------------------------------------------- real phantom
 
 
-def _read_phantom():
+def _read_phantom(phantom: Path):
     import pydicom
 
     def read(f):
@@ -244,14 +224,14 @@ def _read_phantom():
         return ds, ds.pixel_array.astype(np.float64) * float(ds.get("RescaleSlope", 1)) + float(ds.get("RescaleIntercept", 0))
 
     mags, tis, phas = [], [], []
-    for f in sorted((PHANTOM / "ShMOLLI_192i_e11_12").glob("*.dcm")):
+    for f in sorted((phantom / "ShMOLLI_192i_e11_12").glob("*.dcm")):
         ds, a = read(f)
         mags.append(a)
         tis.append(float(ds.InversionTime))
-    for f in sorted((PHANTOM / "ShMOLLI_192i_e11_13").glob("*.dcm")):
+    for f in sorted((phantom / "ShMOLLI_192i_e11_13").glob("*.dcm")):
         phas.append(read(f)[1] / 4096.0 * np.pi)
-    ref = read(PHANTOM / "ShMOLLI_192i_e11_T1MAP_14" / "IM-0003-0002.dcm")[1]
-    n_used = read(PHANTOM / "ShMOLLI_192i_e11_FITPARAMS_15" / "IM-0004-0005.dcm")[1]  # (n - 4) * 1000
+    ref = read(phantom / "ShMOLLI_192i_e11_T1MAP_14" / "IM-0003-0002.dcm")[1]
+    n_used = read(phantom / "ShMOLLI_192i_e11_FITPARAMS_15" / "IM-0004-0005.dcm")[1]  # (n - 4) * 1000
     return np.stack(mags), np.array(tis), np.stack(phas), ref, n_used
 
 
@@ -273,10 +253,8 @@ def detect_vials(ref_t1: np.ndarray, fitted: np.ndarray, min_pixels: int = 100):
 
 
 @pytest.fixture(scope="module")
-def phantom():
-    if PHANTOM is None:
-        pytest.skip("HCMR ShMOLLI phantom not found (../shared/data/hcmr-shmolli-phantom or $VNE_SHARED_DATA)")
-    return _read_phantom()
+def phantom(phantom_dir):
+    return _read_phantom(phantom_dir)
 
 
 @pytest.mark.parametrize("with_phase", [True, False])

@@ -5,16 +5,17 @@ module asks first:
 
 - :func:`sim_dir`: ``vne simulate --cases 1 --seed 1 --dicom --no-cache`` through the real CLI
   (one small case: 3 slices, 129 ISMRMRD images, DICOM folders);
-- :func:`tiny_model`: a small randomly initialised VNE generator exported to ONNX with the
-  ``vne_contract`` metadata. It uses ``training.export`` when that module offers
-  ``export_random``; otherwise ``training.networks.VNEGenerator`` (tiny widths) exported here
-  with ``torch.onnx.export``; and if ``training.networks`` cannot be imported, a tiny torch
-  module with the same four named inputs and the ``vne`` output. The weights are random:
-  these tests check the data path, not the image quality.
+- :func:`tiny_model`: a small randomly initialised ``training.networks.VNEGenerator`` (tiny
+  widths) exported with ``training.export.write_onnx`` (the project's exporter, torchscript
+  tracer) and the ``vne_contract`` metadata; variants the project exporter cannot trace (8 IR
+  images) go through ``torch.onnx.export`` here, and if ``training`` cannot be imported a tiny
+  torch module with the same four named inputs and the ``vne`` output is used. The weights
+  are random: these tests check the data path, not the image quality.
 """
 from __future__ import annotations
 
 import functools
+from html import escape
 import importlib
 import io
 import shutil
@@ -119,18 +120,19 @@ def tiny_model(n_ir_images: int = 7, name: str = "vne-sim-test", version: str = 
         export = importlib.import_module("training.export")
     except ImportError:
         export = None
-    if export is not None and hasattr(export, "export_random"):
-        export.export_random(out, n_ir_images=n_ir_images, name=name, version=version)  # pragma: no cover
-        return out
     try:
         from training.networks import GeneratorConfig, VNEGenerator
 
         g = VNEGenerator(GeneratorConfig(n_ir_images=n_ir_images, base_channels=4, depth=2, fusion_channels=8,
-                                         head_channels=4, film_hidden=8))
+                                         head_channels=4, film_hidden=8)).eval()
         pad = g.pad_multiple
     except ImportError:
+        VNEGenerator = None
         g, pad = _fallback_module(25, n_ir_images)
-    _export_torch(g, out, 25, n_ir_images)
+    if export is not None and hasattr(export, "write_onnx") and n_ir_images == 7 and VNEGenerator is not None:
+        export.write_onnx(g, out, exporter="torchscript")  # the project's exporter (fast tracer)
+    else:
+        _export_torch(g, out, 25, n_ir_images)
     set_contract(out, ModelContract(n_ir_images=n_ir_images, pad_multiple=pad, model_name=name,
                                     model_version=version).to_json())
     return out
@@ -143,6 +145,50 @@ def copy_model(dst: Path, **kw) -> Path:
 
 
 # ---------------------------------------------------------------------------- the Gadgetron side
+def config_xml(**props) -> str:
+    body = "".join(f'<property name="{escape(k)}" value="{escape(str(v))}"/>' for k, v in props.items())
+    return f"<configuration>{body}</configuration>"
+
+
+def listen_local() -> socket.socket:
+    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    srv.settimeout(60)
+    return srv
+
+
+def run_in_thread(header: str, images: list, config: str, **kw) -> tuple[list, object]:
+    """Gadgetron's side on one end of a real TCP connection, the real gadget (``gadgetron.external.Connection``
+    + ``gadgets.vne_gadget.gadget``) on the other, in a thread. Returns (received, pipeline)."""
+    from gadgetron.external import Connection
+
+    from gadgets.vne_gadget import gadget
+
+    srv = listen_local()
+    port = srv.getsockname()[1]
+    box = {}
+
+    def gadget_side():
+        with Connection(socket.create_connection(("127.0.0.1", port), 30)) as conn:
+            box["pipeline"] = gadget(conn)
+
+    t = threading.Thread(target=gadget_side, daemon=True)
+    t.start()
+    sock, _ = srv.accept()
+    srv.close()
+    try:
+        received = play_gadgetron(sock, header, images, config, **kw)
+    finally:
+        sock.close()
+    t.join(60)
+    assert not t.is_alive(), "gadget did not return"
+    p = box["pipeline"]
+    if p.cache_thread is not None:
+        p.cache_thread.join()
+    return received, p
+
+
 def image_bytes(img) -> bytes:
     return img.to_bytes()
 
@@ -154,7 +200,10 @@ def play_gadgetron(sock: socket.socket, header_xml: str, images: list, config_xm
     Sends CONFIG (text), HEADER, every image and CLOSE with ``ismrmrd.serialization`` (from a
     second thread, as Gadgetron's input and output channels run concurrently), and reads every
     reply until the gadget's CLOSE. With ``close=False`` the write side is shut down after
-    the images instead of sending CLOSE (a stream that drops mid-study).
+    the images instead of sending CLOSE (a stream that drops mid-study). An item given as
+    ``bytes`` is sent as a raw IMAGE message body (how a C++ peer sends a 4-byte int32
+    image, which ``ismrmrd`` for Python cannot represent); ``int32_safe`` reads the replies
+    with :func:`vne.pipeline.read_image_safely` (such images come back as ``RawImage``).
 
     Returns:
         every image received, in order.

@@ -136,8 +136,9 @@ def calibrate_percentiles(cache_dir: Path, target_key: str = "lge", qs: Sequence
 
     Returns:
         {"q": qs, "remote": median over slices of (p_q − remote)/(blood − remote),
-         "blood": same for (p_q − blood), "n": slices used}. The best ``p_lo`` has "remote" ≈ 0,
-        the best ``p_hi`` has "blood" ≈ 0.
+         "blood": same for (p_q − blood), "remote_iqr", "blood_iqr": their interquartile ranges,
+         "n": slices used}. The best ``p_lo`` has "remote" ≈ 0 with a small IQR, the best
+        ``p_hi`` has "blood" ≈ 0.
     """
     cache_dir = Path(cache_dir)
     rows_r, rows_b = [], []
@@ -155,9 +156,13 @@ def calibrate_percentiles(cache_dir: Path, target_key: str = "lge", qs: Sequence
         rows_r.append((p - r) / (bl - r))
         rows_b.append((p - bl) / (bl - r))
     if not rows_r:
-        return {"q": list(qs), "remote": [], "blood": [], "n": 0}
-    return {"q": list(qs), "remote": np.median(rows_r, 0).round(3).tolist(),
-            "blood": np.median(rows_b, 0).round(3).tolist(), "n": len(rows_r)}
+        return {"q": list(qs), "remote": [], "blood": [], "remote_iqr": [], "blood_iqr": [], "n": 0}
+
+    def iqr(rows: list) -> list[float]:
+        return np.subtract(*np.percentile(rows, (75, 25), axis=0)).round(3).tolist()
+
+    return {"q": list(qs), "remote": np.median(rows_r, 0).round(3).tolist(), "blood": np.median(rows_b, 0).round(3).tolist(),
+            "remote_iqr": iqr(rows_r), "blood_iqr": iqr(rows_b), "n": len(rows_r)}
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,15 +2,16 @@
 
 Generator (after the VNE paper: three U-Net streams, a fusion block, one output image)::
 
-    cine (B,25,H,W) ──┐                           ┌─ cine U-Net ─┐
-    ir   (B,7,H,W)  ──┤ InputNormalizer ─ patchify┼─ IR U-Net  ──┼─ concat ─ fusion ─ PixelShuffle ─┐
-    ir_ti_ms (B,7)  ──┤ (physical units → network │   ↑ FiLM(TI) │   (H/2)                         │
-    t1_map_ms (B,1) ──┘  units, in the graph)     └─ T1 U-Net  ──┘               (H) head ← T1 ───┘─ vne (B,1,H,W)
+    physical units                network units            half resolution (H/2, W/2)         full resolution
+    cine      (B,25,H,W) ─┐                    ┌ patchify 2×2/2 ─ cine U-Net ──┐
+    ir        (B,7,H,W)  ─┤  InputNormalizer   ├ patchify 2×2/2 ─ IR U-Net  ───┼ concat ─ fusion ─ 1×1 ─ PixelShuffle ─┐
+    ir_ti_ms  (B,7)      ─┤  (in the graph)    │   TI/1000 ─ FiLM ─┘           │  (1×1, residual 3×3)                  │
+    t1_map_ms (B,1,H,W)  ─┘                    └ patchify 2×2/2 ─ T1 U-Net  ───┘                 head: [features, T1] ─┘─ vne (B,1,H,W)
 
 * Every stream starts with a 2×2 stride-2 "patchify" convolution, so the U-Nets run at half
   resolution: the T1 grid (0.94 mm) is interpolated from ~1.9 mm acquired pixels, and
   full-resolution convolutions dominate the CPU cost (docs/architecture.md). A light
-  full-resolution head (two 3×3 convolutions) sees the upsampled fused features and the
+  full-resolution head (two narrow 3×3 convolutions) sees the upsampled fused features and the
   normalised T1 map, so edges are placed on the T1 grid and the absolute T1 level, which
   instance norm removes inside the streams, reaches the output.
 * Each U-Net has ``depth`` poolings after the patchify, so H and W must be multiples of

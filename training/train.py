@@ -345,8 +345,9 @@ def validate(generator: nn.Module, loader: DataLoader, rt: Runtime, crop: int | 
 
     Metrics: ``val_l1`` (mean |VNE − LGE|), ``val_l1_heart`` (inside the heart masks, slices
     with masks only), ``val_ssim``, ``val_crop_gap`` (mean |difference| between the VNE of the
-    centre ``crop`` computed alone and computed within the whole window, 16-pixel margin
-    excluded: how much the output depends on the field of view, e.g. through instance norm).
+    centre ``crop`` computed alone and computed within the whole window, a margin of
+    min(16, crop/4) pixels excluded: how much the output depends on the field of view, e.g.
+    through instance norm).
     """
     g = _unwrap(generator)
     was_training = g.training
@@ -372,7 +373,7 @@ def validate(generator: nn.Module, loader: DataLoader, rt: Runtime, crop: int | 
             xc = [t[..., i0:i0 + crop, j0:j0 + crop] if t.dim() == 4 else t for t in _inputs(b)]
             with rt.autocast():
                 vc = g(*xc).float()
-            m = 16
+            m = min(16, crop // 4)
             gaps.append((vc[..., m:-m, m:-m] - vne[..., i0 + m:i0 + crop - m, j0 + m:j0 + crop - m]).abs().mean().item())
         if len(panels["ids"]) < n_panels:
             k = n_panels - len(panels["ids"])
@@ -465,7 +466,7 @@ def train(config: dict, resume: bool = False) -> dict:
     sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, lam)
     scaler = torch.amp.GradScaler("cuda", enabled=rt.amp_dtype == torch.float16)
 
-    step, best = 0, {"metric": scfg["best_metric"], "value": math.inf, "step": None}
+    step, best = 0, {"metric": scfg["best_metric"], "value": None, "step": None}
     if resume and latest.is_file():
         state = torch.load(latest, map_location=rt.device, weights_only=False)
         if state["config"].get("model") != cfg["model"]:
@@ -518,7 +519,7 @@ def train(config: dict, resume: bool = False) -> dict:
                         np.stack(panels["lge"]), panels["ids"])
         plot_curves(run_dir)
         value = metrics.get(best["metric"], math.nan)
-        if np.isfinite(value) and value < best["value"]:
+        if np.isfinite(value) and (best["value"] is None or value < best["value"]):
             best = {"metric": best["metric"], "value": float(value), "step": step}
             checkpoint(run_dir / "best.pt")
         tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), file=sys.stderr)
@@ -618,7 +619,7 @@ def train(config: dict, resume: bool = False) -> dict:
         checkpoint(latest)
         plot_curves(run_dir)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-        log.info("%s at step %d/%d (%.1f min); best %s = %.4f at step %s", status, step, max_steps,
+        log.info("%s at step %d/%d (%.1f min); best %s = %s at step %s", status, step, max_steps,
                  summary["elapsed_min"], best["metric"], best["value"], best["step"])
     rt.barrier()
     if rt.world > 1 and dist.is_initialized():

@@ -53,7 +53,7 @@ from . import mrd_io
 from .contract import model_inputs
 from .exam import InputError, MRImage, Role
 from .roles import DEFAULT_RULES, RoleRules, meta_values
-from .slices import MIN_CINE_FRAMES, assemble, group_by_plane, on_t1_grid, slice_key
+from .slices import assemble, group_by_plane, on_t1_grid, slice_key
 from .study_cache import DEFAULT_MAX_AGE_HOURS, DEFAULT_MAX_MB, StudyCache, default_cache_dir
 
 log = logging.getLogger(__name__)
@@ -558,6 +558,10 @@ class VNEPipeline:
                 msg = str(exc)
                 self._problem(f"no VNE for {msg if msg.startswith(s.key) else s.key + ': ' + msg}")
                 continue
+            except Exception as exc:  # a bug below must cost this slice only
+                log.exception("VNE: internal error preparing %s", s.key)
+                self._problem(f"no VNE for {s.key}: internal error ({exc.__class__.__name__}: {exc})")
+                continue
             ready.append((p, s, x, cine_source))
         self._pending = still
         if not ready:
@@ -581,10 +585,13 @@ class VNEPipeline:
         if self.config.series_index is not None:
             index = int(self.config.series_index)
         else:
-            try:
-                base = int(float(t1.meta.get("SeriesNumber", t1.series)))
-            except (TypeError, ValueError):
-                base = self._max_series_seen
+            base = self._max_series_seen
+            for candidate in (t1.series, t1.meta.get("SeriesNumber")):  # ISMRMRD index, else DICOM number
+                try:
+                    base = int(str(candidate))
+                    break
+                except (TypeError, ValueError):
+                    continue
             index = base + int(self.config.series_index_offset)
         index = min(max(index, 0), 65535)
         st = self._series_state.get(index)
@@ -646,7 +653,8 @@ class VNEPipeline:
             meta["StudyInstanceUID"] = study_uid
         if for_uid:
             meta["FrameOfReferenceUID"] = for_uid
-        for k in ("PatientName", "StudyDate", "StudyTime", "StudyDescription", "TriggerTime", "NominalInterval"):
+        # no TriggerTime: an image with one and no other role reads as cine to some rules
+        for k in ("PatientName", "StudyDate", "StudyTime", "StudyDescription"):
             if k in t1.meta:
                 meta[k] = t1.meta[k]
         return meta
@@ -684,8 +692,7 @@ class VNEPipeline:
                 if k in r.t1.meta}
         keep["ImageComments"] = r.meta["ImageComments"]
         return MRImage(pixels=r.vne, geometry=r.t1.geometry, role=Role.UNKNOWN, series=r.series_uid,
-                       series_description=r.description, trigger_time_ms=r.t1.trigger_time_ms,
-                       rr_interval_ms=r.t1.rr_interval_ms, study_uid=r.t1.study_uid,
+                       series_description=r.description, study_uid=r.t1.study_uid,
                        frame_of_reference_uid=r.t1.frame_of_reference_uid, patient_id=r.t1.patient_id,
                        meta=keep, source=r.t1.source)
 
@@ -831,7 +838,10 @@ def guard_connection(connection) -> None:
         wrapper.socket = EOFGuardSocket(sock)
     if hasattr(connection, "add_reader") and not getattr(connection, "_vne_guarded", False):
         connection.add_reader(1022, read_image_safely)
-        connection.add_writer(lambda item: isinstance(item, RawImage), write_raw_image)
+        # not add_writer: in gadgetron 1.4.1 its wrapper takes one argument but send() passes two
+        writers = getattr(connection, "writers", None)
+        if isinstance(writers, list):
+            writers.insert(0, (lambda item: isinstance(item, RawImage), write_raw_image))
         connection._vne_guarded = True
 
 
@@ -847,14 +857,18 @@ def run_connection(connection, defaults: PipelineConfig | None = None, *, model=
     """
     guard_connection(connection)
     props = properties_from_config(getattr(connection, "config", None))
+    config_error = None
     try:
         config = PipelineConfig.from_properties(props, base=defaults)
     except InputError as exc:
-        log.error("VNE gadget: bad configuration (%s); passing images through", exc)
+        config_error = str(exc)
         config = replace(defaults or PipelineConfig(), enabled=False)
     if model is not None and config.model and config.model != (defaults.model if defaults else None):
         model = None  # the connection asks for another model file: load (or reuse) that one
     pipeline = VNEPipeline(config, header=getattr(connection, "header", None), model=model)
+    if config_error:
+        pipeline.problems = [m for m in pipeline.problems if "'enabled' property" not in m]
+        pipeline._disable(f"bad configuration: {config_error}")
     dropped = False
     try:
         for item in connection:

@@ -184,11 +184,11 @@ def _stack_on(images: list[MRImage], target: Geometry) -> tuple[np.ndarray, np.n
     for im in images:
         if np.asarray(im.pixels).shape != im.geometry.shape:
             raise InputError(f"{im.source or im.series}: pixel array {np.asarray(im.pixels).shape} does not match its geometry {im.geometry.shape}")
+    if not all(im.geometry.shape == src.shape for im in images):
+        raise InputError(f"images of one slice have mixed shapes: {sorted({im.geometry.shape for im in images})}")
     stack = np.stack([np.asarray(im.pixels, np.float32) for im in images])
     if all(im.geometry == src for im in images) and src == target:
         return stack, np.ones(target.shape, bool)
-    if not all(im.geometry.shape == src.shape for im in images):
-        raise InputError(f"images of one slice have mixed shapes: {sorted({im.geometry.shape for im in images})}")
     return resample_to_grid(stack, src, target)
 
 

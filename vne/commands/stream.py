@@ -78,10 +78,6 @@ def exchange(host: str, port: int, header_xml: str, images: list, *, config=None
     Raises:
         InputError: unreachable server, no traffic for ``timeout`` seconds, or a lost connection.
     """
-    from ismrmrd.serialization import ProtocolDeserializer, ProtocolSerializer
-
-    from ..mrd_io import parse_header
-
     where = f"{host}:{port}"
     try:
         sock = socket.create_connection((host, port), timeout=connect_timeout)
@@ -89,6 +85,18 @@ def exchange(host: str, port: int, header_xml: str, images: list, *, config=None
         raise InputError(f"cannot connect to {where}: timed out after {connect_timeout:g} s") from None
     except OSError as exc:
         raise InputError(f"cannot connect to {where}: {exc.strerror or exc} (is `vne serve` or gadgetron running?)") from None
+    return exchange_on(sock, header_xml, images, config=config, timeout=timeout, on_sent=on_sent,
+                       on_received=on_received, where=where)
+
+
+def exchange_on(sock: socket.socket, header_xml: str, images: list, *, config=None, timeout: float = 120.0,
+                on_sent=None, on_received=None, where: str = "peer") -> list:
+    """:func:`exchange` on an already connected socket (closed at the end), e.g. one accepted
+    from a gadget that Gadgetron-style execute mode started."""
+    from ismrmrd.serialization import ProtocolDeserializer, ProtocolSerializer
+
+    from ..mrd_io import parse_header
+
     sock.settimeout(timeout)
     hdr = parse_header(header_xml)
     send_error: list[BaseException] = []

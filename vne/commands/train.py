@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 NAME = "train"
@@ -68,5 +69,6 @@ def run(args: argparse.Namespace) -> int:
         config.setdefault("schedule", {})["max_minutes"] = args.max_minutes
     apply_overrides(config, args.set)
     summary = train(config, resume=args.resume)
-    print(json.dumps({k: summary[k] for k in ("status", "step", "max_steps", "best", "run_dir", "elapsed_min")}))
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps({k: summary[k] for k in ("status", "step", "max_steps", "best", "run_dir", "elapsed_min")}))
     return 0
