@@ -114,23 +114,31 @@ def normalise_name(name: str) -> str:
 
 
 def mask_names(names: Mapping[str, Sequence[str]] | None = None) -> dict[str, tuple[str, ...]]:
-    """:data:`DEFAULT_NAMES` with ``names`` replacing the lists of the masks it names (normalised)."""
-    out = dict(DEFAULT_NAMES)
+    """:data:`DEFAULT_NAMES` with ``names`` replacing the lists of the masks it names (normalised).
+
+    A given name wins over a default one: ``{"remote": ["myo"]}`` also takes "myo" from the
+    myocardium's defaults.
+
+    Raises:
+        InputError: an unknown mask, an empty list, or one name given for two masks.
+    """
+    given: dict[str, tuple[str, ...]] = {}
+    owner: dict[str, str] = {}
     for role, aliases in (names or {}).items():
         if role not in ROLES:
             raise InputError(f"unknown mask '{role}' in the mask names (known: {', '.join(ROLES)})")
         aliases = [aliases] if isinstance(aliases, str) else list(aliases)
-        if not aliases:
+        norm = tuple(dict.fromkeys(normalise_name(a) for a in aliases if normalise_name(a)))
+        if not norm:
             raise InputError(f"no names given for the '{role}' mask")
-        out[role] = tuple(aliases)
-    norm = {role: tuple(dict.fromkeys(normalise_name(a) for a in aliases)) for role, aliases in out.items()}
-    seen: dict[str, str] = {}
-    for role, aliases in norm.items():
-        for a in aliases:
-            if a in seen and seen[a] != role:
-                raise InputError(f"mask name '{a}' is given for both '{seen[a]}' and '{role}'")
-            seen[a] = role
-    return norm
+        for a in norm:
+            if owner.setdefault(a, role) != role:
+                raise InputError(f"mask name '{a}' is given for both '{owner[a]}' and '{role}'")
+        given[role] = norm
+    out = {}
+    for role, aliases in DEFAULT_NAMES.items():
+        out[role] = given.get(role) or tuple(a for a in dict.fromkeys(normalise_name(x) for x in aliases) if a not in owner)
+    return out
 
 
 def _role_of(name: str, names: dict[str, tuple[str, ...]]) -> str | None:

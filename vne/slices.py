@@ -217,7 +217,7 @@ def on_t1_grid(s: SliceSet) -> SliceOnGrid:
     ir, _ = _stack_on(s.ir_images, target)
     ti = np.array([im.inversion_time_ms for im in s.ir_images], np.float32)
     phase = _phase_on(s.ir_phase, target) if s.ir_phase else None
-    ir_signed = restore_polarity(ir, ti, ir_phase=phase)
+    ir_signed = restore_polarity(ir, ti, ir_phase=phase, t1_map_ms=t1_ms)
     cine, inside = _stack_on(s.cine_frames, target)
     coverage = float(inside.mean())
     if coverage < 0.05:

@@ -561,21 +561,58 @@ def _shmolli(flat: np.ndarray, ts: np.ndarray, conf, t_rr: float, max_ti_flip_ms
     return out
 
 
-def restore_polarity(ir_magnitude: np.ndarray, ti_ms, ir_phase: np.ndarray | None = None, mask: np.ndarray | None = None) -> np.ndarray:
+def restore_polarity(ir_magnitude: np.ndarray, ti_ms, ir_phase: np.ndarray | None = None, mask: np.ndarray | None = None,
+                     t1_map_ms: np.ndarray | None = None) -> np.ndarray:
     """Signed IR images: negative before the null, positive after.
 
     The signs are those of an all-sample (MOLLI-style) fit of each pixel, from the phase where
     it is conclusive and by polarity search otherwise; background pixels keep their magnitude.
+    Two shortcuts give the same signs without fitting every pixel:
+
+    - with phase: a pixel whose confident phase signs (:func:`phase_signs`) are all decided and
+      already of the Look-Locker form (negative for the first k TIs, positive after) takes
+      them directly; only the other pixels are fitted;
+    - with phase and the T1 map, pixels without a T1 (background) are not fitted;
+    - without phase but with the T1 map: a sample is negative when its TI is before the
+      nominal null ``TI_null = T1 * ln(B/A) / (B/A - 1)`` with ``B/A = 1.9`` (0.71 T1). Samples
+      near the null are near zero, so a wrong sign there changes little.
 
     Args:
         ir_magnitude: ``(n, ny, nx)`` magnitudes, any order.
         ti_ms: ``(n,)`` inversion times (ms).
         ir_phase: optional ``(n, ny, nx)`` phase (radians), same order.
         mask: optional ``(ny, nx)`` bool of pixels to sign (default: above background).
+        t1_map_ms: optional ``(ny, nx)`` native T1 map on the same grid (used without phase).
 
     Returns:
         ``(n, ny, nx)`` float32 signed images, in the input order.
     """
     mag = np.abs(np.asarray(ir_magnitude, np.float32))
+    ti = np.asarray(ti_ms, float)
+    if ir_phase is None and t1_map_ms is not None:
+        t1 = np.asarray(t1_map_ms, np.float32)
+        if t1.shape != mag.shape[1:]:
+            raise InputError(f"T1 map {t1.shape} does not match the IR images {mag.shape[1:]}")
+        ba = 1.9
+        null = t1 * np.float32(np.log(ba) / (ba - 1.0))
+        signs = np.where(ti[:, None, None] < null[None], -1.0, 1.0).astype(np.float32)
+        return mag * signs
+    if ir_phase is not None:
+        conf = phase_signs(ir_phase, ti)
+        order = np.argsort(ti, kind="stable")
+        sorted_signs = conf[order]
+        decided = np.all(sorted_signs != 0, axis=0)
+        monotone = np.all(np.diff(sorted_signs.astype(np.int16), axis=0) >= 0, axis=0)
+        direct = decided & monotone
+        todo = ~direct if mask is None else (~direct & np.asarray(mask, bool))
+        if t1_map_ms is not None:  # background (no T1) keeps its magnitude, as the fit would
+            todo &= np.asarray(t1_map_ms) > 0
+        signs = np.where(direct[None], conf, 1).astype(np.float32)
+        if todo.any():
+            fit = fit_t1(mag, ti_ms, ir_phase=ir_phase, scheme="molli", mask=todo)
+            signs = np.where(todo[None], fit.signs, signs)
+        if mask is not None:
+            signs = np.where(np.asarray(mask, bool)[None], signs, 1)
+        return (mag * signs).astype(np.float32)
     fit = fit_t1(mag, ti_ms, ir_phase=ir_phase, scheme="molli", mask=mask)
     return (mag * fit.signs).astype(np.float32)
