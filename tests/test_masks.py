@@ -286,8 +286,7 @@ def write_seg(path: Path, t1s: list[MRImage], segments: list[tuple[str, str, lis
     shared.PixelMeasuresSequence = Sequence([pm])
     ds.SharedFunctionalGroupsSequence = Sequence([shared])
     frames, per_frame = [], []
-    order = [(n, k) for k in (2, 0, 1)[: len(t1s)] if k < len(t1s) for n in range(len(segments))]
-    for n, k in order:
+    for n, k in [(n, k) for k in reversed(range(len(t1s))) for n in range(len(segments))]:  # not in T1 order
         mask = segments[n][2][k]
         if not mask.any():
             continue
@@ -309,6 +308,7 @@ def write_seg(path: Path, t1s: list[MRImage], segments: list[tuple[str, str, lis
             src = Dataset()
             src.ReferencedSOPClassUID, src.ReferencedSOPInstanceUID = MRImageStorage, t1.meta["SOPInstanceUID"]
             src.PurposeOfReferenceCodeSequence = Sequence([_code("121322", "Source image for image processing operation", "DCM")])
+            src.SpatialLocationsPreserved = "YES"
             der = Dataset()
             der.DerivationCodeSequence = Sequence([_code("113076", "Segmentation", "DCM")])
             der.SourceImageSequence = Sequence([src])
@@ -376,6 +376,41 @@ def test_fractional_dicom_seg_by_plane_with_custom_names(case, tmp_path):
     other = MRImage(**{**t1s[0].__dict__, "meta": {}, "frame_of_reference_uid": "1.2.3.4"})
     with pytest.raises(M.MasksNotFound):
         M.load_masks(path, other, names=names)  # another frame of reference: planes are not comparable
+
+
+def test_dicom_seg_of_highdicom_and_ours_agree(case, tmp_path):
+    """Cross-check with highdicom (when installed): it reads our SEG per source instance, and its
+    BINARY and FRACTIONAL SEGs (one per T1 map: its T1 maps must share an orientation) load exactly."""
+    hd = pytest.importorskip("highdicom")
+    t1s, truth, pid = case
+    roles = ("myocardium", "remote", "blood_pool")
+    path = write_seg(tmp_path / "ours.dcm", t1s, [(r, r, [truth[f"s{k}_{r}"] for k in range(len(t1s))]) for r in roles])
+    ours = hd.seg.segread(str(path))
+    sources = []
+    for k, t1 in enumerate(t1s):
+        arr = ours.get_pixels_by_source_instance(source_sop_instance_uids=[t1.meta["SOPInstanceUID"]], segment_numbers=[1, 2, 3])
+        assert all(np.array_equal(arr[0, :, :, n].astype(bool), truth[f"s{k}_{r}"]) for n, r in enumerate(roles))
+        ds = pydicom.dcmread(t1.source)
+        for kw in ("PatientBirthDate", "PatientSex", "StudyID", "AccessionNumber", "ReferringPhysicianName"):
+            setattr(ds, kw, getattr(ds, kw, "") or "")
+        sources.append(ds)
+    descs = [hd.seg.SegmentDescription(
+        segment_number=n, segment_label=label, segmented_property_category=hd.sr.CodedConcept("91723000", "SCT", "Anatomical Structure"),
+        segmented_property_type=hd.sr.CodedConcept(*CODES[r][:1], "SCT", CODES[r][1]), algorithm_type="MANUAL")
+        for n, (label, r) in enumerate(zip(("Myocardium", "Remote", "Blood pool"), roles), start=1)]
+    for kind in ("BINARY", "FRACTIONAL"):
+        (tmp_path / kind).mkdir()
+        for k, ds in enumerate(sources):
+            stack = np.stack([truth[f"s{k}_{r}"] for r in roles], -1)[None]
+            seg = hd.seg.Segmentation(
+                source_images=[ds], pixel_array=stack.astype(np.uint8) if kind == "BINARY" else stack.astype(np.float32) * 0.8,
+                segmentation_type=kind, segment_descriptions=descs, series_instance_uid=hd.UID(), series_number=901,
+                sop_instance_uid=hd.UID(), instance_number=1, manufacturer="vne-test", manufacturer_model_name="test",
+                software_versions="0", device_serial_number="0")
+            seg.save_as(tmp_path / kind / f"seg{k}.dcm")
+        store = M.MaskStore(tmp_path / kind)
+        for k, t1 in enumerate(t1s):
+            assert_masks_equal(store.load(t1), {r: truth[f"s{k}_{r}"] for r in roles})
 
 
 # ----------------------------------------------------------------------------- errors
@@ -460,7 +495,7 @@ def test_collect_dicom_on_simulated_dicom_with_numpy_masks(sim_set, tmp_path, ca
         with np.load(sim_set / "truth" / f"{c['case_id']}.npz") as z:
             for s in c["slices"]:
                 k = s["slice_index"]
-                if (c is doc["cases"][1] and k == 1):
+                if c is doc["cases"][1] and k == 1:
                     continue  # a slice without masks: skipped with a logged reason
                 arrays = {m: z[f"s{k}_{m}"].astype(bool) for m in MASKS}
                 (masks / c["patient_id"]).mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,11 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--exams", type=Path, required=True, help="a `vne simulate` output folder (mrd/, truth/, cases.json)")
+    p.add_argument("--exams", type=Path, required=True,
+                   help="a `vne simulate` output folder (mrd/, truth/, cases.json), or with --masks a folder of DICOM exams")
+    p.add_argument("--masks", type=Path, default=None,
+                   help="real data: masks folder (NumPy, NIfTI or DICOM-SEG; see docs/masks.md); --exams is then DICOM")
+    p.add_argument("--lesion-free-csv", type=Path, default=None, help="real data: patient_id,lesion_free table")
     p.add_argument("--model", type=Path, default=None, help="ONNX model (default: the shipped model)")
     p.add_argument("--out", type=Path, required=True, help="report folder")
     p.add_argument("--ablation", action="append", default=[], metavar="NAME=MODEL", help="an ablation model to compare (repeatable)")
@@ -97,10 +101,22 @@ def run(args) -> int:
     from ..evaluate import evaluate, write_report
     from ..model import find_default_model
 
-    if not (args.exams / "cases.json").is_file():
-        raise InputError(f"{args.exams} is not a `vne simulate` output (no cases.json)")
     model = args.model or find_default_model()
-    results, doc = collect(args.exams, model, args.max_cases)
+    if model is None:
+        raise InputError("no model given and no shipped model found in models/")
+
+    def gather(m: Path, desc: str):
+        if args.masks is not None:
+            from ..evaluate_dicom import collect_dicom
+
+            return collect_dicom(args.exams, args.masks, m, lesion_free_csv=args.lesion_free_csv), {"source": "dicom"}
+        if not (args.exams / "cases.json").is_file():
+            raise InputError(f"{args.exams} is not a `vne simulate` output (no cases.json); for DICOM exams pass --masks")
+        return collect(args.exams, m, args.max_cases, desc=desc)
+
+    results, doc = gather(model, "evaluate")
+    if not results:
+        raise InputError("no slice could be evaluated (see the log for the reasons)")
     metrics = evaluate(results)
     metrics["model"] = str(model)
     metrics["exams"] = {"folder": str(args.exams), "seed": doc.get("seed"), "simulator_version": doc.get("simulator_version")}
@@ -109,7 +125,7 @@ def run(args) -> int:
         name, _, path = spec.partition("=")
         if not path:
             raise InputError(f"--ablation wants NAME=MODEL, got '{spec}'")
-        res_a, _ = collect(args.exams, Path(path), args.max_cases, desc=f"ablation {name}")
+        res_a, _ = gather(Path(path), f"ablation {name}")
         m = evaluate(res_a)
         ablations[name] = m["agreement"]["VNE adjusted vs LGE FWHM"]
     if ablations:
