@@ -21,7 +21,10 @@ by torch). Both give the same graph here (parity checked the same way).
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import time
 import warnings
 from pathlib import Path
@@ -105,25 +108,36 @@ def write_onnx(generator: VNEGenerator, path: Path, exporter: str = "dynamo") ->
     sample = example_inputs(batch=2, h=4 * generator.pad_multiple, w=6 * generator.pad_multiple, seed=1,
                             n_cine=generator.config.n_cine_frames)
     args = tuple(torch.from_numpy(sample[k]) for k in INPUT_NAMES)
-    with warnings.catch_warnings():
+    quiet = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir", "torch.onnx", "torch.export",
+                                                  "torch.onnx._internal.exporter._registration")]
+    levels = [q.level for q in quiet]
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        if exporter == "dynamo":
-            m = generator.pad_multiple
-            batch = torch.export.Dim("batch", min=1, max=1024)
-            hh = torch.export.Dim("h_blocks", min=1, max=4096 // m)
-            ww = torch.export.Dim("w_blocks", min=1, max=4096 // m)
-            spatial = {0: batch, 2: m * hh, 3: m * ww}
-            dynamic = {"cine": spatial, "ir": spatial, "ir_ti_ms": {0: batch}, "t1_map_ms": spatial}
-            torch.onnx.export(generator, args, str(path), input_names=list(INPUT_NAMES), output_names=[OUTPUT_NAME],
-                              opset_version=OPSET, dynamo=True, dynamic_shapes=dynamic, external_data=False,
-                              verbose=False)
-        elif exporter == "torchscript":
-            axes = {k: {0: "batch", 2: "height", 3: "width"} for k in ("cine", "ir", "t1_map_ms", OUTPUT_NAME)}
-            axes["ir_ti_ms"] = {0: "batch"}
-            torch.onnx.export(generator, args, str(path), input_names=list(INPUT_NAMES), output_names=[OUTPUT_NAME],
-                              opset_version=OPSET, dynamo=False, dynamic_axes=axes)
-        else:
-            raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
+        for q in quiet:
+            q.setLevel(logging.ERROR)
+        try:
+            _export(generator, args, path, exporter)
+        finally:
+            for q, level in zip(quiet, levels):
+                q.setLevel(level)
+
+
+def _export(generator: VNEGenerator, args: tuple, path: Path, exporter: str) -> None:
+    names = {"input_names": list(INPUT_NAMES), "output_names": [OUTPUT_NAME], "opset_version": OPSET}
+    if exporter == "dynamo":
+        m = generator.pad_multiple
+        batch = torch.export.Dim("batch", min=1, max=1024)
+        spatial = {0: batch, 2: m * torch.export.Dim("h_blocks", min=1, max=4096 // m),
+                   3: m * torch.export.Dim("w_blocks", min=1, max=4096 // m)}
+        dynamic = {"cine": spatial, "ir": spatial, "ir_ti_ms": {0: batch}, "t1_map_ms": spatial}
+        torch.onnx.export(generator, args, str(path), dynamo=True, dynamic_shapes=dynamic, external_data=False,
+                          verbose=False, **names)
+    elif exporter == "torchscript":
+        axes = {k: {0: "batch", 2: "height", 3: "width"} for k in ("cine", "ir", "t1_map_ms", OUTPUT_NAME)}
+        axes["ir_ti_ms"] = {0: "batch"}
+        torch.onnx.export(generator, args, str(path), dynamo=False, dynamic_axes=axes, **names)
+    else:
+        raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
 
 
 def parity_check(generator: VNEGenerator, onnx_path: Path, batch: int = 2, h: int = 96, w: int = 128, seed: int = 2) -> float:

@@ -70,6 +70,7 @@ DEFAULT_CONFIG: dict = {
     "threads": None,             # torch CPU threads; None: cores / local processes
     "amp": True,                 # mixed precision on CUDA
     "progress": True,            # tqdm bar on rank 0
+    "init_from": None,           # checkpoint whose weights start a new run (fine-tuning)
     "model": {},                 # training.networks.GeneratorConfig fields
     "discriminator": {},         # training.networks.DiscriminatorConfig fields
     "data": {
@@ -80,7 +81,7 @@ DEFAULT_CONFIG: dict = {
         "target": "lge_clean",   # lge (as acquired, artefacts) | lge_clean (simulator truth)
         "percentiles": [50, 90], # no-mask target normalisation (training.dataset)
         "num_workers": 0,
-        "in_memory": False,      # keep decoded slices in RAM (small caches)
+        "in_memory": False,      # keep decoded slices in RAM (small caches; with num_workers 0)
         "val_max_slices": 16,    # validation on the first N val slices, whole window
         "val_batch_size": 4,
     },
@@ -484,8 +485,15 @@ def train(config: dict, resume: bool = False) -> dict:
             _truncate_csv(run_dir / "train_log.csv", step)
             _truncate_csv(run_dir / "val_log.csv", step)
             log.info("resumed %s at step %d", latest, step)
-    elif resume and rt.main:
-        log.info("no checkpoint in %s, starting a new run", run_dir)
+    else:
+        if resume and rt.main:
+            log.info("no checkpoint in %s, starting a new run", run_dir)
+        if cfg.get("init_from"):
+            init = torch.load(cfg["init_from"], map_location=rt.device, weights_only=False)
+            generator.load_state_dict(init["generator"])
+            discriminator.load_state_dict(init["discriminator"])
+            if rt.main:
+                log.info("weights from %s (step %s); optimisers and step start fresh", cfg["init_from"], init.get("step"))
 
     if rt.world > 1:
         ddp_kw = {"device_ids": [rt.local_rank]} if rt.device.type == "cuda" else {}
@@ -568,7 +576,7 @@ def train(config: dict, resume: bool = False) -> dict:
                 with rt.autocast():
                     d_fake = d_core(cond, fake) if gan_on else None
                     d_real = None
-                    if gan_on:
+                    if gan_on and objective.perceptual == "fm":
                         with torch.no_grad():
                             d_real = d_core(cond, real)
                     weight = heart_weight_map(b["masks"], b["has_masks"], float(lcfg["heart_weight"]))
