@@ -193,6 +193,7 @@ class GeneratorConfig:
     fusion_channels: int = 32    # width of the half-resolution fusion block
     head_channels: int = 8       # channels upsampled to full resolution
     film_hidden: int = 32        # hidden width of the TI FiLM MLP
+    ablate: tuple[str, ...] = ()  # streams removed for ablation studies: "cine" and/or "ir"
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "GeneratorConfig":
@@ -200,7 +201,12 @@ class GeneratorConfig:
         unknown = set(d or {}) - names
         if unknown:
             raise ValueError(f"unknown generator options {sorted(unknown)}")
-        return cls(**(d or {}))
+        cfg = cls(**(d or {}))
+        cfg.ablate = tuple(cfg.ablate)
+        bad = set(cfg.ablate) - {"cine", "ir"}
+        if bad:
+            raise ValueError(f"unknown streams to ablate {sorted(bad)} (known: cine, ir)")
+        return cfg
 
 
 class VNEGenerator(nn.Module):
@@ -248,6 +254,12 @@ class VNEGenerator(nn.Module):
         cine_n, ir_n, ti_n, t1_n = self.normalizer(cine, ir, ir_ti_ms, t1_map_ms)
         dt = self.head[0].weight.dtype
         cine_n, ir_n, ti_n, t1_n = cine_n.to(dt), ir_n.to(dt), ti_n.to(dt), t1_n.to(dt)
+        # An ablated stream sees zeros, in training and in the exported graph alike, so the model
+        # keeps the full input contract but cannot use that input.
+        if "cine" in self.config.ablate:
+            cine_n = torch.zeros_like(cine_n)
+        if "ir" in self.config.ablate:
+            ir_n, ti_n = torch.zeros_like(ir_n), torch.zeros_like(ti_n)
         feats = torch.cat([self.cine_stream(cine_n), self.ir_stream(ir_n, ti_n), self.t1_stream(t1_n)], dim=1)
         h = self.fuse_in(feats)
         h = h + self.fuse_res(h)
