@@ -116,8 +116,14 @@ def resample_to_grid(image: np.ndarray, source: Geometry, target: Geometry, orde
     j = pts @ np.asarray(src.read_dir, float) / dx + (nx - 1) / 2.0
     i = pts @ np.asarray(src.phase_dir, float) / dy + (ny - 1) / 2.0
     inside = (i >= -0.5) & (i <= ny - 0.5) & (j >= -0.5) & (j <= nx - 0.5)
-    coords = np.stack([i, j])
     arr = np.asarray(image)
+    if arr.ndim == 3 and arr.shape[1:] == (ny, nx) and order == 1:
+        # a stack (cine frames): one sparse bilinear operator applied to every frame at once
+        op = _bilinear_operator(i, j, (ny, nx))
+        out = (op @ arr.reshape(arr.shape[0], -1).astype(np.float32).T).T.reshape((arr.shape[0],) + i.shape)
+        out[:, ~inside] = 0.0
+        return out.astype(np.float32), inside
+    coords = np.stack([i, j])
     if arr.ndim == 2:
         out = ndimage.map_coordinates(arr.astype(np.float32), coords, order=order, mode="nearest")
         out[~inside] = 0.0
@@ -129,6 +135,24 @@ def resample_to_grid(image: np.ndarray, source: Geometry, target: Geometry, orde
     )
     out[:, ~inside] = 0.0
     return out.astype(np.float32), inside
+
+
+def _bilinear_operator(i: np.ndarray, j: np.ndarray, shape: tuple[int, int]):
+    """Sparse (n_target, ny*nx) bilinear interpolation at fractional indices (edge-clamped,
+    as ``map_coordinates(order=1, mode="nearest")``)."""
+    from scipy import sparse
+
+    ny, nx = shape
+    fi, fj = np.floor(i), np.floor(j)
+    wi, wj = (i - fi).ravel(), (j - fj).ravel()
+    i0 = np.clip(fi, 0, ny - 1).astype(np.int64).ravel()
+    i1 = np.clip(fi + 1, 0, ny - 1).astype(np.int64).ravel()
+    j0 = np.clip(fj, 0, nx - 1).astype(np.int64).ravel()
+    j1 = np.clip(fj + 1, 0, nx - 1).astype(np.int64).ravel()
+    rows = np.repeat(np.arange(i0.size), 4)
+    cols = np.stack([i0 * nx + j0, i0 * nx + j1, i1 * nx + j0, i1 * nx + j1], 1).ravel()
+    w = np.stack([(1 - wi) * (1 - wj), (1 - wi) * wj, wi * (1 - wj), wi * wj], 1).ravel().astype(np.float32)
+    return sparse.csr_matrix((w, (rows, cols)), shape=(i0.size, ny * nx))
 
 
 def resample_cycle(frames: np.ndarray, trigger_times_ms: np.ndarray, rr_interval_ms: float, n_out: int) -> np.ndarray:
