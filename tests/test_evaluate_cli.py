@@ -15,7 +15,7 @@ def test_evaluate_writes_the_report(sim_set, tmp_path):
     for key in ("VNE vs LGE FWHM", "VNE adjusted vs LGE FWQM", "T1>2SD baseline vs LGE FWEM"):
         assert key in m["agreement"]
     assert set(m["ablations"]) == {"full model", "same-model"}
-    assert m["ablations"]["same-model"]["r"] == m["ablations"]["full model"]["r"]
+    assert m["ablations"]["same-model"] == m["ablations"]["full model"]
     text = (out / "report.md").read_text()
     for fig in ("fig5_agreement.png", "fig5_agreement_adjusted.png", "fig4_panels.png"):
         assert (out / fig).is_file() and fig in text

@@ -100,6 +100,7 @@ def evaluate(results: list[SliceResult]) -> dict:
     lge_b = _burdens(results, lambda r: r.lge, quantify.LGE_LEVELS, lge=True)
     vne_b = _burdens(results, lambda r: r.vne, quantify.LGE_LEVELS)
     vne_adj = _burdens(results, lambda r: r.vne, quantify.VNE_ADJUSTED_LEVELS)
+    clean_b = _burdens(results, lambda r: r.lge_clean, quantify.LGE_LEVELS)  # simulator only: no artefacts, registered
     per_p_t1: dict[str, list] = {}
     for r in results:
         per_p_t1.setdefault(r.patient_id, []).append(quantify.t1_baseline_slice(r.t1_map_ms, r.myocardium, r.remote))
@@ -116,9 +117,14 @@ def evaluate(results: list[SliceResult]) -> dict:
         out["agreement"][f"VNE vs LGE {t}"] = _agreement(ref, arr(vne_b, t))
         out["agreement"][f"VNE adjusted vs LGE {t}"] = _agreement(ref, arr(vne_adj, t))
         out["agreement"][f"T1>2SD baseline vs LGE {t}"] = _agreement(ref, arr(t1_b))
+        out["agreement"][f"VNE vs artefact-free LGE {t}"] = _agreement(arr(clean_b, t), arr(vne_b, t))
+        out["agreement"][f"VNE adjusted vs artefact-free LGE {t}"] = _agreement(arr(clean_b, t), arr(vne_adj, t))
+        out["agreement"][f"T1>2SD baseline vs artefact-free LGE {t}"] = _agreement(arr(clean_b, t), arr(t1_b))
+        out["agreement"][f"LGE vs artefact-free LGE {t}"] = _agreement(arr(clean_b, t), ref)
         out["burden_mean"][f"LGE {t}"] = float(ref.mean())
         out["burden_mean"][f"VNE {t}"] = float(arr(vne_b, t).mean())
         out["burden_mean"][f"VNE adjusted {t}"] = float(arr(vne_adj, t).mean())
+        out["burden_mean"][f"artefact-free LGE {t}"] = float(arr(clean_b, t).mean())
     out["burden_mean"]["T1>2SD baseline"] = float(arr(t1_b).mean())
     out["burden_mean"]["truth (fibrosis >= 0.5)"] = float(arr(truth_b).mean())
     out["agreement"]["LGE FWHM vs truth"] = _agreement(arr(truth_b), arr(lge_b, "FWHM"))
@@ -157,6 +163,7 @@ def evaluate(results: list[SliceResult]) -> dict:
         quality[group] = q
     out["image_quality"] = quality
     out["per_patient"] = {p: {"lge": lge_b[p], "vne": vne_b[p], "vne_adjusted": vne_adj[p], "t1_baseline": t1_b[p],
+                              "lge_clean": clean_b[p],
                               "truth": truth_b[p], "lesion_free": free[p]} for p in patients}
     return out
 
@@ -261,9 +268,12 @@ def write_report(metrics: dict, results: list[SliceResult], out_dir: Path, title
             v = q[name]
             lines.append(f"| {group} (n={q['n_slices']}) | {name} | {v['cnr_blood_myocardium']:.1f} | {v['remote_variance']:.4f} | {v['ssim_vs_artefact_free_lge']:.3f} |")
     if metrics.get("ablations"):
-        lines += ["", "## Ablations (FWHM, adjusted VNE threshold)", "", "| model | r | ICC(A,1) |", "| --- | --- | --- |"]
+        keys = [k for k in next(iter(metrics["ablations"].values())) if k != "ssim_heart"]
+        lines += ["", "## Ablations (burden agreement r / ICC(A,1), adjusted VNE thresholds)", "",
+                  "| model | " + " | ".join(keys) + " | SSIM heart |", "| --- |" + " --- |" * (len(keys) + 1)]
         for name, a in metrics["ablations"].items():
-            lines.append(f"| {name} | {a['r']:.3f} | {a['icc']:.3f} |")
+            cells = [f"{a[k]['r']:.3f} / {a[k]['icc']:.3f}" for k in keys]
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {a['ssim_heart']:.3f} |")
     lines += ["", "## Figures", "", "| file | what |", "| --- | --- |"]
     lines += [f"| [{k}]({k}) | {v} |" for k, v in figs.items()]
     lines += ["", "## Definitions", "", "See `vne/stats.py` and `vne/quantify.py` docstrings: ICC(A,1) is two-way, absolute agreement, "

@@ -97,6 +97,16 @@ def collect(exams: Path, model: Path | None, max_cases: int | None = None, desc:
     return results, doc
 
 
+ABLATION_KEYS = ("VNE adjusted vs LGE FWHM", "VNE adjusted vs LGE FWQM", "VNE adjusted vs artefact-free LGE FWHM")
+
+
+def _ablation_summary(metrics: dict) -> dict:
+    """The comparisons reported per ablation model, plus its SSIM inside the heart."""
+    out = {k: metrics["agreement"][k] for k in ABLATION_KEYS if k in metrics["agreement"]}
+    out["ssim_heart"] = metrics["ssim_heart"]["mean"]
+    return out
+
+
 def run(args) -> int:
     from ..evaluate import evaluate, write_report
     from ..model import find_default_model
@@ -127,9 +137,9 @@ def run(args) -> int:
             raise InputError(f"--ablation wants NAME=MODEL, got '{spec}'")
         res_a, _ = gather(Path(path), f"ablation {name}")
         m = evaluate(res_a)
-        ablations[name] = m["agreement"]["VNE adjusted vs LGE FWHM"]
+        ablations[name] = _ablation_summary(m)
     if ablations:
-        ablations = {"full model": metrics["agreement"]["VNE adjusted vs LGE FWHM"], **ablations}
+        ablations = {"full model": _ablation_summary(metrics), **ablations}
         metrics["ablations"] = ablations
     report = write_report(metrics, results, args.out, title=f"VNE evaluation of {Path(model).name}")
     a = metrics["agreement"]
