@@ -50,8 +50,8 @@ def _slice_index_by_position(raw_images) -> dict[tuple, int]:
     return out
 
 
-def run_model_on_file(path: Path, model: Path | None) -> tuple[list, list]:
-    """(VNE results, decoded images) of one ISMRMRD exam file, through the gadget's pipeline."""
+def run_model_on_file(path: Path, model: Path | None) -> tuple[list, list, str]:
+    """(VNE results, raw ISMRMRD images, header XML) of one exam file, through the gadget's pipeline."""
     from .. import mrd_io
     from ..pipeline import PipelineConfig, VNEPipeline
 
@@ -62,7 +62,7 @@ def run_model_on_file(path: Path, model: Path | None) -> tuple[list, list]:
     pipe.finish()
     if not pipe.results:
         raise InputError(f"{path.name}: no VNE produced: {'; '.join(pipe.problems) or 'no reason given'}")
-    return pipe.results, raw
+    return pipe.results, raw, header
 
 
 def collect(exams: Path, model: Path | None, max_cases: int | None = None, desc: str = "evaluate"):
@@ -76,8 +76,8 @@ def collect(exams: Path, model: Path | None, max_cases: int | None = None, desc:
     results = []
     for c in tqdm(cases, desc=desc, unit="exam"):
         path = exams / "mrd" / f"{c['case_id']}.h5"
-        vne_results, raw = run_model_on_file(path, model)
-        key = mrd_io.study_key(mrd_io.parse_header(mrd_io.read_mrd_file(path)[0]))
+        vne_results, raw, header = run_model_on_file(path, model)
+        key = mrd_io.study_key(mrd_io.parse_header(header))
         images = [mrd_io.from_mrd(m, key) for m in raw]
         slices, _ = build_slices(images, need_lge=True)
         lge_by_pos = {tuple(np.round(s.t1_map.geometry.position_mm, 2)): on_t1_grid(s).lge for s in slices}
