@@ -132,7 +132,9 @@ def simulate_case(seed: int, index: int, field_t: float | None = None) -> Simula
         # --- T1 mapping: IR magnitude + phase, then the project's own fit -> T1 map
         g_t1 = scan_geometry(frame, rng, spacing_mm=t1_spacing, fov_x_mm=t1_fov, aspect=t1_aspect, rotation_rad=rot)
         u, v = local_coordinates(g_t1, frame)
-        fr, fib, _ = anatomy.tissue_fractions(heart, u, v, DIASTOLE_PHASE, t1_spacing)
+        # the diastolic anatomy on the T1 grid, reused for the IR signals, the truth and the clean LGE
+        t1_grid = anatomy.tissue_fractions(heart, u, v, DIASTOLE_PHASE, t1_spacing)
+        fr, fib, _ = t1_grid
         texture = anatomy._smooth_texture(u, v, heart.texture_seed + 1, 12.0)
         shade = coil_shading(u, v, rng, rng.uniform(0.3, 0.8))
         acq_t1 = (min(1.0, t1_spacing / rng.uniform(1.8, 2.1)),) * 2
@@ -214,7 +216,7 @@ def simulate_case(seed: int, index: int, field_t: float | None = None) -> Simula
         if ghost:
             artefacts.append("breathing ghosts")
         ul, vl = local_coordinates(g_lge, moved)
-        lge_img = _psir_image(tis, heart, ul, vl, lge_spacing, ti_null + ti_err, rr, rng)
+        lge_img = _psir_image(tis, heart, ul, vl, lge_spacing, ti_null + ti_err, rr)
         shade_l = coil_shading(ul, vl, rng, rng.uniform(0.2, 0.6))
         # noise from the blood-pool SNR of clinical PSIR (15-35)
         k_b = T["lv_blood"]
@@ -232,11 +234,11 @@ def simulate_case(seed: int, index: int, field_t: float | None = None) -> Simula
 
         # --- truth on the T1 grid: native masks (registered to the T1 map) for T1 and VNE, and
         # the LGE's own masks (the heart where the LGE saw it) for quantifying the LGE
-        myo, blood, remote, fib_t, _ = _truth_masks(heart, u, v, t1_spacing)
+        myo, blood, remote, fib_t, _ = _truth_masks(heart, u, v, t1_spacing, anatomy_on_grid=t1_grid)
         lesion = myo & (fib_t >= 0.5)
         ul1, vl1 = local_coordinates(g_t1, moved)
         lmyo, lblood, lremote, _, _ = _truth_masks(heart, ul1, vl1, t1_spacing)
-        clean = _psir_image(tis, heart, u, v, t1_spacing, ti_null, rr, rng) * gain_l
+        clean = _psir_image(tis, heart, u, v, t1_spacing, ti_null, rr, anatomy_on_grid=t1_grid, texture=texture) * gain_l
         truth.append(SliceTruth(
             slice_index=s, level=level, myocardium=myo, blood_pool=blood, remote=remote, lesion=lesion,
             fibrosis=fib_t, lesion_burden=float(lesion.sum() / max(myo.sum(), 1)),
@@ -266,24 +268,30 @@ def _property_maps(tis: tissue.CaseTissue, fr: np.ndarray, fib: np.ndarray, text
     return 1.0 / np.maximum(r1, 1e-6), 1.0 / np.maximum(r2, 1e-6), pd, ecv
 
 
-def _psir_image(tis, heart, u, v, pixel_mm, ti_ms, rr, rng) -> np.ndarray:
-    """Ideal signed PSIR image (no noise) on a grid given by heart-local (u, v)."""
-    fr, fib, _ = anatomy.tissue_fractions(heart, u, v, DIASTOLE_PHASE, pixel_mm)
-    texture = anatomy._smooth_texture(u, v, heart.texture_seed + 1, 12.0)
+def _psir_image(tis, heart, u, v, pixel_mm, ti_ms, rr, anatomy_on_grid=None, texture=None) -> np.ndarray:
+    """Ideal signed PSIR image (no noise) on a grid given by heart-local (u, v).
+
+    ``anatomy_on_grid`` / ``texture``: the diastolic :func:`anatomy.tissue_fractions` and texture
+    of these same points, when the caller has them already.
+    """
+    fr, fib, _ = anatomy_on_grid or anatomy.tissue_fractions(heart, u, v, DIASTOLE_PHASE, pixel_mm)
+    if texture is None:
+        texture = anatomy._smooth_texture(u, v, heart.texture_seed + 1, 12.0)
     t1n, t2, pd, ecv = _property_maps(tis, fr, fib, texture)
     t1p = tissue.post_contrast_t1_ms(tis, t1n, ecv)
     return signals.psir_mz(t1p, pd, ti_ms, rr) * np.exp(-3.0 / t2)
 
 
-def _truth_masks(heart, u, v, pixel_mm):
+def _truth_masks(heart, u, v, pixel_mm, anatomy_on_grid=None):
     """(myocardium, blood-pool centre, remote ROI, fibrosis, rho) on a grid given by heart-local (u, v).
 
     Myocardium: LV myocardium fraction > 0.5. Blood-pool centre: pure blood within half the cavity
     radius (away from the papillary muscles). Remote: the mid-wall (transmural depth 0.25-0.75,
     away from partial volume) of the 60-degree sector with the least fibrosis, as an analyst
-    would draw it.
+    would draw it. ``anatomy_on_grid``: the diastolic :func:`anatomy.tissue_fractions` of these
+    points, when the caller has it already.
     """
-    fr, fib, rho = anatomy.tissue_fractions(heart, u, v, DIASTOLE_PHASE, pixel_mm)
+    fr, fib, rho = anatomy_on_grid or anatomy.tissue_fractions(heart, u, v, DIASTOLE_PHASE, pixel_mm)
     myo = fr[T["lv_myocardium"]] > 0.5
     pure = fr[T["lv_myocardium"]] > 0.95
     blood = fr[T["lv_blood"]] > 0.95
