@@ -81,12 +81,40 @@ def test_quantify_thresholds_and_burden():
     img[5, 2:8] = 60.0  # 6 px > 50 (FWHM)
     img[6, 2:8] = 30.0  # 6 px > 25 (FWQM), > 12.5
     img[7, 2:5] = 13.0  # 3 px > 12.5 (FWEM only)
-    q = quantify.quantify_slice(img, myo, remote, blood)
+    q = quantify.quantify_slice(img, myo, remote, blood, margin_px=0)
     assert q.lesion_px == {"FWHM": 6, "FWQM": 12, "FWEM": 15}
-    q2 = quantify.quantify_slice(img, myo, remote, blood)
+    q2 = quantify.quantify_slice(img, myo, remote, blood, margin_px=0)
     assert quantify.patient_burden([q, q2]) == {"FWHM": 12 / 72, "FWQM": 24 / 72, "FWEM": 30 / 72}
-    adj = quantify.quantify_slice(img, myo, remote, blood, quantify.VNE_ADJUSTED_LEVELS)
+    adj = quantify.quantify_slice(img, myo, remote, blood, quantify.VNE_ADJUSTED_LEVELS, margin_px=0)
     assert adj.lesion_px["FWHM"] == 6 and adj.lesion_px["FWEM"] == 15
+
+
+def test_contour_margin_excludes_partial_volume_border():
+    """A ring of myocardium whose inner border pixels are half blood: with the default 1-pixel
+    margin they no longer count as lesion, a real lesion deeper in the wall still does."""
+    yy, xx = np.mgrid[:40, :40]
+    rr = np.hypot(yy - 20, xx - 20)
+    myo = (rr >= 8) & (rr < 14)
+    blood = rr < 5
+    img = np.where(rr < 8, 1.0, 0.0)
+    from scipy import ndimage
+
+    partial = myo & ndimage.binary_dilation(rr < 8)  # touching the cavity: half blood
+    img[partial] = 0.6
+    lesion = myo & (rr >= 10) & (rr < 12) & (xx > 24)
+    img[lesion] = 0.9
+    remote = myo & (xx < 16) & (rr >= 10)
+    plain = quantify.quantify_slice(img, myo, remote, blood, margin_px=0)
+    inner = quantify.quantify_slice(img, myo, remote, blood)
+    assert plain.lesion_px["FWHM"] == int(partial.sum() + lesion.sum())
+    assert inner.lesion_px["FWHM"] == int(lesion.sum())
+    assert inner.myocardium_px < plain.myocardium_px
+    # too thin to erode: the mask is kept whole rather than the slice dropped
+    thin = np.zeros((5, 5), bool)
+    thin[2, :] = True
+    assert quantify.quantified_myocardium(thin).sum() == 5
+    masks = quantify.lesion_masks(img, myo, remote, blood)
+    assert masks["FWHM"].sum() == inner.lesion_px["FWHM"]
 
 
 def test_t1_baseline():
@@ -96,7 +124,7 @@ def test_t1_baseline():
     remote[:5] = True
     t1[:5] = 1000 + np.tile([-10.0, 10.0], 25).reshape(5, 10)  # mean 1000, sd 10
     t1[8, :4] = 1030.0
-    q = quantify.t1_baseline_slice(t1, myo, remote)
+    q = quantify.t1_baseline_slice(t1, myo, remote, margin_px=0)
     assert q.lesion_px["T1>2SD"] == 4
 
 

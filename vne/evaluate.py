@@ -66,11 +66,11 @@ def heart_mask(myocardium: np.ndarray, dilate_px: int = 3) -> np.ndarray:
     return ndimage.binary_dilation(filled, iterations=dilate_px)
 
 
-def _burdens(results: list[SliceResult], image_of, levels, lge: bool = False) -> dict[str, dict[str, float]]:
+def _burdens(results: list[SliceResult], image_of, levels, margin_px: int, lge: bool = False) -> dict[str, dict[str, float]]:
     per_patient: dict[str, list] = {}
     for r in results:
         myo, blood, remote = r.lge_masks() if lge else (r.myocardium, r.blood_pool, r.remote)
-        per_patient.setdefault(r.patient_id, []).append(quantify.quantify_slice(image_of(r), myo, remote, blood, levels))
+        per_patient.setdefault(r.patient_id, []).append(quantify.quantify_slice(image_of(r), myo, remote, blood, levels, margin_px))
     return {p: quantify.patient_burden(q) for p, q in per_patient.items()}
 
 
@@ -94,23 +94,27 @@ def _normalised_lge(r: SliceResult) -> np.ndarray:
     return normalise(r.lge, remote, blood)
 
 
-def evaluate(results: list[SliceResult]) -> dict:
-    """All numbers of the report (JSON-serialisable)."""
+def evaluate(results: list[SliceResult], margin_px: int = quantify.CONTOUR_MARGIN_PX) -> dict:
+    """All numbers of the report (JSON-serialisable).
+
+    ``margin_px``: the contour margin of the quantification (:func:`vne.quantify.quantified_myocardium`).
+    """
     patients = sorted({r.patient_id for r in results})
-    lge_b = _burdens(results, lambda r: r.lge, quantify.LGE_LEVELS, lge=True)
-    vne_b = _burdens(results, lambda r: r.vne, quantify.LGE_LEVELS)
-    vne_adj = _burdens(results, lambda r: r.vne, quantify.VNE_ADJUSTED_LEVELS)
-    clean_b = _burdens(results, lambda r: r.lge_clean, quantify.LGE_LEVELS)  # simulator only: no artefacts, registered
+    lge_b = _burdens(results, lambda r: r.lge, quantify.LGE_LEVELS, margin_px, lge=True)
+    vne_b = _burdens(results, lambda r: r.vne, quantify.LGE_LEVELS, margin_px)
+    vne_adj = _burdens(results, lambda r: r.vne, quantify.VNE_ADJUSTED_LEVELS, margin_px)
+    clean_b = _burdens(results, lambda r: r.lge_clean, quantify.LGE_LEVELS, margin_px)  # simulator only: no artefacts, registered
     per_p_t1: dict[str, list] = {}
     for r in results:
-        per_p_t1.setdefault(r.patient_id, []).append(quantify.t1_baseline_slice(r.t1_map_ms, r.myocardium, r.remote))
+        per_p_t1.setdefault(r.patient_id, []).append(quantify.t1_baseline_slice(r.t1_map_ms, r.myocardium, r.remote, margin_px=margin_px))
     t1_b = {p: quantify.patient_burden(q)["T1>2SD"] for p, q in per_p_t1.items()}
     truth_b = {}
     for p in patients:
         rs = [r for r in results if r.patient_id == p]
         truth_b[p] = sum(int(r.lesion.sum()) for r in rs) / sum(int(r.myocardium.sum()) for r in rs)
 
-    out: dict = {"n_patients": len(patients), "n_slices": len(results), "agreement": {}, "burden_mean": {}}
+    out: dict = {"n_patients": len(patients), "n_slices": len(results), "contour_margin_px": int(margin_px),
+                 "agreement": {}, "burden_mean": {}}
     arr = lambda d, k=None: np.array([d[p][k] if k else d[p] for p in patients])  # noqa: E731
     for t in THRESHOLDS:
         ref = arr(lge_b, t)
@@ -198,7 +202,7 @@ def _fig_agreement(metrics: dict, path: Path, title_prefix: str, key_fmt: str, v
     plt.close(fig)
 
 
-def _fig_panels(results: list[SliceResult], path: Path, n: int = 6) -> None:
+def _fig_panels(results: list[SliceResult], path: Path, n: int = 6, margin_px: int = quantify.CONTOUR_MARGIN_PX) -> None:
     import matplotlib.pyplot as plt
 
     chosen = sorted(results, key=lambda r: -int(r.lesion.sum()))[: max(n - 1, 1)] + [r for r in results if r.lesion_free][:1]
@@ -214,7 +218,7 @@ def _fig_panels(results: list[SliceResult], path: Path, n: int = 6) -> None:
         axes[2, c].imshow(lge_n[win], cmap="gray", vmin=-0.5, vmax=1.5)
         for row, (img, levels, (myo, blood, remote)) in ((3, (r.vne, quantify.VNE_ADJUSTED_LEVELS, (r.myocardium, r.blood_pool, r.remote))),
                                                           (4, (r.lge, quantify.LGE_LEVELS, r.lge_masks()))):
-            masks = quantify.lesion_masks(img, myo, remote, blood, levels)
+            masks = quantify.lesion_masks(img, myo, remote, blood, levels, margin_px)
             axes[row, c].imshow(normalise(img, remote, blood)[win], cmap="gray", vmin=-0.5, vmax=1.5)
             over = np.zeros(masks["FWEM"].shape + (4,))
             for name in ("FWEM", "FWQM", "FWHM"):
@@ -246,7 +250,7 @@ def write_report(metrics: dict, results: list[SliceResult], out_dir: Path, title
     }
     _fig_agreement(metrics, out_dir / "fig5_agreement.png", "VNE vs LGE (same thresholds)", "VNE vs LGE {}", "vne")
     _fig_agreement(metrics, out_dir / "fig5_agreement_adjusted.png", "VNE (adjusted thresholds) vs LGE", "VNE adjusted vs LGE {}", "vne_adjusted")
-    _fig_panels(results, out_dir / "fig4_panels.png")
+    _fig_panels(results, out_dir / "fig4_panels.png", margin_px=metrics.get("contour_margin_px", quantify.CONTOUR_MARGIN_PX))
     lines = [f"# {title}", "", f"{metrics['n_patients']} patients, {metrics['n_slices']} slices.", "",
              "## Lesion burden agreement (per patient)", "",
              "| comparison | r | slope | ICC(A,1) [95% CI] | bias | LoA |", "| --- | --- | --- | --- | --- | --- |"]
@@ -278,7 +282,9 @@ def write_report(metrics: dict, results: list[SliceResult], out_dir: Path, title
     lines += [f"| [{k}]({k}) | {v} |" for k, v in figs.items()]
     lines += ["", "## Definitions", "", "See `vne/stats.py` and `vne/quantify.py` docstrings: ICC(A,1) is two-way, absolute agreement, "
               "single measure (McGraw & Wong case 2A); Bland–Altman limits are bias ± 1.96 SD; burden = lesion area / "
-              "myocardium area over all slices of a patient."]
+              "myocardium area over all slices of a patient, the myocardium taken "
+              f"{metrics.get('contour_margin_px', quantify.CONTOUR_MARGIN_PX)} pixel(s) inside its borders (contour margin, "
+              "docs/evaluation.md)."]
     for k in figs:
         lines.append(f"\n![{figs[k]}]({k})")
     path = out_dir / "report.md"

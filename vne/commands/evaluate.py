@@ -32,6 +32,9 @@ def add_arguments(p) -> None:
     p.add_argument("--out", type=Path, required=True, help="report folder")
     p.add_argument("--ablation", action="append", default=[], metavar="NAME=MODEL", help="an ablation model to compare (repeatable)")
     p.add_argument("--max-cases", type=int, default=None, help="evaluate only the first N cases")
+    p.add_argument("--contour-margin-px", type=int, default=None, metavar="PX",
+                   help="pixels taken off the myocardium borders before quantifying (default 1; 0 for contours "
+                        "already drawn inside the borders; see docs/evaluation.md)")
 
 
 def _slice_index_by_position(raw_images) -> dict[tuple, int]:
@@ -127,7 +130,12 @@ def run(args) -> int:
     results, doc = gather(model, "evaluate")
     if not results:
         raise InputError("no slice could be evaluated (see the log for the reasons)")
-    metrics = evaluate(results)
+    from ..quantify import CONTOUR_MARGIN_PX
+
+    margin = CONTOUR_MARGIN_PX if args.contour_margin_px is None else args.contour_margin_px
+    if margin < 0:
+        raise InputError(f"--contour-margin-px must be >= 0, got {margin}")
+    metrics = evaluate(results, margin)
     metrics["model"] = str(model)
     metrics["exams"] = {"folder": str(args.exams), "seed": doc.get("seed"), "simulator_version": doc.get("simulator_version")}
     ablations = {}
@@ -136,7 +144,7 @@ def run(args) -> int:
         if not path:
             raise InputError(f"--ablation wants NAME=MODEL, got '{spec}'")
         res_a, _ = gather(Path(path), f"ablation {name}")
-        m = evaluate(res_a)
+        m = evaluate(res_a, margin)
         ablations[name] = _ablation_summary(m)
     if ablations:
         ablations = {"full model": _ablation_summary(metrics), **ablations}
