@@ -28,26 +28,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vne import mrd_io  # noqa: E402
+from vne.commands.evaluate import _slice_index_by_position as slice_index_by_position  # noqa: E402
 from vne.contract import model_inputs  # noqa: E402
 from vne.evaluate import normalise  # noqa: E402
-from vne.exam import InputError, Role  # noqa: E402
 from vne.model import VNEModel  # noqa: E402
 from vne.quantify import LGE_LEVELS, VNE_ADJUSTED_LEVELS, patient_burden, quantify_slice  # noqa: E402
 from vne.slices import build_slices, on_t1_grid  # noqa: E402
 from vne.stats import FALSE_POSITIVE_BURDEN, icc_a1, pearson_regression  # noqa: E402
 from vne.training_cache import heart_crop_window  # noqa: E402
-
-
-def t1_slice_index(raw) -> dict[tuple, int]:
-    out = {}
-    for m in raw:
-        try:
-            im = mrd_io.from_mrd(m)
-        except InputError:
-            continue
-        if im.role == Role.T1_MAP:
-            out[tuple(np.round(im.geometry.position_mm, 2))] = int(m.slice)
-    return out
 
 
 def main() -> int:
@@ -68,7 +56,7 @@ def main() -> int:
         header, raw = mrd_io.read_mrd_file(args.exams / "mrd" / f"{case['case_id']}.h5")
         key = mrd_io.study_key(mrd_io.parse_header(header))
         slices, _ = build_slices([mrd_io.from_mrd(m, key) for m in raw], need_lge=True)
-        index_of = t1_slice_index(raw)
+        index_of = slice_index_by_position(raw)
         truth = np.load(args.exams / "truth" / f"{case['case_id']}.npz")
         lesion_free[case["patient_id"]] = bool(case["lesion_free"])
         for s in slices:
