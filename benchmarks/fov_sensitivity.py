@@ -28,7 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vne import mrd_io  # noqa: E402
-from vne.commands.evaluate import _slice_index_by_position as slice_index_by_position  # noqa: E402
+from vne.commands.evaluate import slice_index_by_position  # noqa: E402
 from vne.contract import model_inputs  # noqa: E402
 from vne.evaluate import normalise  # noqa: E402
 from vne.model import VNEModel  # noqa: E402

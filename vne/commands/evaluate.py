@@ -37,7 +37,7 @@ def add_arguments(p) -> None:
                         "already drawn inside the borders; see docs/evaluation.md)")
 
 
-def _slice_index_by_position(raw_images) -> dict[tuple, int]:
+def slice_index_by_position(raw_images) -> dict[tuple, int]:
     """T1-map image position -> ISMRMRD slice index, to find each result's ground truth."""
     from ..mrd_io import from_mrd
     from ..exam import Role
@@ -84,7 +84,7 @@ def collect(exams: Path, model: Path | None, max_cases: int | None = None, desc:
         images = [mrd_io.from_mrd(m, key) for m in raw]
         slices, _ = build_slices(images, need_lge=True)
         lge_by_pos = {tuple(np.round(s.t1_map.geometry.position_mm, 2)): on_t1_grid(s).lge for s in slices}
-        index_of = _slice_index_by_position(raw)
+        index_of = slice_index_by_position(raw)
         truth = np.load(exams / "truth" / f"{c['case_id']}.npz")
         for r in vne_results:
             pos = tuple(np.round(r.t1.geometry.position_mm, 2))
