@@ -94,6 +94,28 @@ def data_summary(cache_dir: Path, index: dict, splits: dict[str, list[dict]], ta
         "field_strength_t": dict(Counter(str(e.get("field_strength_t", "unknown")) for e in entries)),
         "with_masks": sum(bool(e.get("has_masks")) for e in entries),
         "provenance": provenance,
+        **trained_ranges(cache_dir, splits["train"]),
+    }
+
+
+def trained_ranges(cache_dir: Path, entries: list[dict]) -> dict:
+    """What the training slices span, for the model contract and the runtime guard (vne.qc):
+    field strengths (T), the TI range (ms) and the heart-rate range (bpm, where recorded)."""
+    fields_t = sorted({float(e["field_strength_t"]) for e in entries if e.get("field_strength_t") not in (None, "unknown")})
+    ti_lo, ti_hi = np.inf, -np.inf
+    for e in entries:
+        try:
+            with np.load(Path(cache_dir) / f"{e['slice_id']}.npz") as z:
+                ti = z["ir_ti_ms"]
+        except (OSError, KeyError, ValueError):
+            continue
+        if ti.size:
+            ti_lo, ti_hi = min(ti_lo, float(ti.min())), max(ti_hi, float(ti.max()))
+    hr = [float(e["heart_rate_bpm"]) for e in entries if e.get("heart_rate_bpm")]
+    return {
+        "field_strengths_t": fields_t,
+        "ti_range_ms": [round(ti_lo, 1), round(ti_hi, 1)] if np.isfinite(ti_lo) else None,
+        "heart_rate_bpm": [round(min(hr), 1), round(max(hr), 1)] if hr else None,
     }
 
 

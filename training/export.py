@@ -93,7 +93,12 @@ def _contract(state: dict, generator: VNEGenerator, model_name: str | None, mode
         "config": cfg.get("name"),
         "losses": {k: cfg.get("loss", {}).get(k) for k in ("adversarial", "perceptual", "w_adv", "w_l1", "w_ssim", "w_perc")},
     }
+    data = state.get("data_summary", {})
+    ti_range = data.get("ti_range_ms")
     return ModelContract(
+        trained_field_strengths_t=tuple(data.get("field_strengths_t") or ()),
+        # a margin of 10 % beyond the longest TI seen: jitter, not a new heart-rate regime
+        trained_ti_range_ms=(0.0, round(1.1 * ti_range[1], 1)) if ti_range else None,
         n_cine_frames=generator.config.n_cine_frames,
         n_ir_images=generator.config.n_ir_images,
         pad_multiple=generator.pad_multiple,

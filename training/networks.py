@@ -3,18 +3,22 @@
 Generator (after the VNE paper: three U-Net streams, a fusion block, one output image)::
 
     physical units                network units            half resolution (H/2, W/2)         full resolution
-    cine      (B,25,H,W) ─┐                    ┌ patchify 2×2/2 ─ cine U-Net ──┐
-    ir        (B,7,H,W)  ─┤  InputNormalizer   ├ patchify 2×2/2 ─ IR U-Net  ───┼ concat ─ fusion ─ 1×1 ─ PixelShuffle ─┐
-    ir_ti_ms  (B,7)      ─┤  (in the graph)    │   TI/1000 ─ FiLM ─┘           │  (1×1, residual 3×3)                  │
-    t1_map_ms (B,1,H,W)  ─┘                    └ patchify 2×2/2 ─ T1 U-Net  ───┘                 head: [features, T1] ─┘─ vne (B,1,H,W)
+    cine      (B,25,H,W) ─┐                    ┌ blur ↓2 ─ cine U-Net ──┐
+    ir        (B,7,H,W)  ─┤  InputNormalizer   ├ blur ↓2 ─ IR U-Net  ───┼ concat ─ fusion ─ 1×1 ─ bilinear ↑2 ─┐
+    ir_ti_ms  (B,7)      ─┤  (in the graph)    │ clamp(TI) ─ FiLM ─┘    │  (1×1, residual 3×3)                 │
+    t1_map_ms (B,1,H,W)  ─┘                    └ blur ↓2 ─ T1 U-Net  ───┘                head: [features, T1] ─┘─ vne (B,1,H,W)
 
-* Every stream starts with a 2×2 stride-2 "patchify" convolution, so the U-Nets run at half
+* No layer has a stride-2 learned kernel or a sub-pixel output (0.2.0 had a 2×2 "patchify",
+  2×2 transposed convolutions and a PixelShuffle, and printed a 2-pixel checkerboard):
+  downsampling is a fixed binomial blur + stride 2 (:class:`BlurDown`), upsampling is a 1×1
+  convolution + bilinear resize (:class:`ResizeUp`).
+* Every stream starts by downsampling ×2, so the U-Nets run at half
   resolution: the T1 grid (0.94 mm) is interpolated from ~1.9 mm acquired pixels, and
   full-resolution convolutions dominate the CPU cost (docs/architecture.md). A light
   full-resolution head (two narrow 3×3 convolutions) sees the upsampled fused features and the
   normalised T1 map, so edges are placed on the T1 grid and the absolute T1 level reaches the
   output directly (instance norm, an option, would remove it inside the streams).
-* Each U-Net has ``depth`` poolings after the patchify, so H and W must be multiples of
+* Each U-Net has ``depth`` poolings after the first downsampling, so H and W must be multiples of
   ``2 ** (depth + 1)`` (16 for the default depth 3; :attr:`VNEGenerator.pad_multiple`).
 * The IR stream is told the inversion times by FiLM (a per-channel scale and shift computed
   from TI/1000 by a small MLP) applied *after* the stem normalisation: a TI broadcast as a
@@ -43,6 +47,10 @@ T1_CENTRE_MS = 1000.0
 T1_SCALE_MS = 500.0
 T1_CLIP = (-2.0, 6.0)
 TI_SCALE_MS = 1000.0
+# TIs are clamped to the range the training data spans (ShMOLLI/MOLLI at 40-120 bpm) before they
+# condition the IR stream, so a TI the model has not seen cannot push the features further than
+# the most extreme TI it has seen (issue 14: a 46 bpm exam collapsed the blood pool of 0.2.0).
+TI_CLAMP_MS = (50.0, 6500.0)
 SCALE_EPS = 1e-6
 
 
@@ -76,7 +84,7 @@ class InputNormalizer(nn.Module):
 
     * cine, IR: divided by their per-sample :func:`robust_scale` (IR keeps its sign);
     * T1: ``clip((T1_ms - 1000) / 500, -2, 6)``;
-    * TI: ``TI_ms / 1000``.
+    * TI: ``clip(TI_ms, 50, 6500) / 1000`` (:data:`TI_CLAMP_MS`).
     """
 
     def forward(
@@ -89,7 +97,7 @@ class InputNormalizer(nn.Module):
         """
         cine_n = cine / robust_scale(cine)
         ir_n = ir / robust_scale(ir)
-        ti_n = ir_ti_ms / TI_SCALE_MS
+        ti_n = ir_ti_ms.clamp(TI_CLAMP_MS[0], TI_CLAMP_MS[1]) / TI_SCALE_MS
         t1_n = ((t1_map_ms - T1_CENTRE_MS) / T1_SCALE_MS).clamp(T1_CLIP[0], T1_CLIP[1])
         return cine_n, ir_n, ti_n, t1_n
 
@@ -137,6 +145,37 @@ class ConvNormAct(nn.Sequential):
         )
 
 
+class BlurDown(nn.Module):
+    """Anti-aliased 2× downsampling: a fixed binomial [1 2 1]⊗[1 2 1]/16 low-pass per channel,
+    sampled with stride 2 (Zhang, "Making convolutional networks shift-invariant again", 2019).
+
+    It replaces the learned 2×2 stride-2 "patchify" of 0.2.0, whose four different weights per
+    2×2 cell made the features depend on the pixel's position modulo 2: a 2-pixel texture.
+    (B, C, H, W) → (B, C, H/2, W/2) for even H, W.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        k = torch.tensor([1.0, 2.0, 1.0])
+        k = (k[:, None] * k[None, :]) / 16.0
+        self.register_buffer("kernel", k.expand(channels, 1, 3, 3).clone())
+        self.channels = channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.pad(x, (1, 1, 1, 1), mode="replicate")
+        return F.conv2d(x, self.kernel.to(x.dtype), stride=2, groups=self.channels)
+
+
+class ResizeUp(nn.Sequential):
+    """2× upsampling without checkerboard: a 1×1 convolution (channel change at the low
+    resolution, where it is cheap), then bilinear resizing (Odena et al., "Deconvolution and
+    checkerboard artifacts", Distill 2016). Replaces 2×2 transposed convolutions and
+    PixelShuffle, whose four sub-pixel kernels print a 2-pixel pattern on flat regions."""
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__(nn.Conv2d(c_in, c_out, 1), nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False))
+
+
 class DoubleConv(nn.Sequential):
     """Two :class:`ConvNormAct` 3×3 layers (one U-Net level)."""
 
@@ -147,7 +186,9 @@ class DoubleConv(nn.Sequential):
 class FiLM(nn.Module):
     """Feature-wise affine modulation from a conditioning vector: ``x * (1 + γ) + β``.
 
-    The last layer starts at zero, so an untrained FiLM is the identity.
+    γ and β are bounded (``γ = 0.5·tanh(·)``, ``β = tanh(·)``), so no conditioning value, seen
+    or not, can scale a feature by more than 1.5× or flip its sign. The last layer starts at
+    zero, so an untrained FiLM is the identity.
     """
 
     def __init__(self, n_cond: int, channels: int, hidden: int = 32) -> None:
@@ -159,25 +200,27 @@ class FiLM(nn.Module):
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """x (B, C, h, w), cond (B, n_cond) → (B, C, h, w)."""
         gamma, beta = self.mlp(cond).chunk(2, dim=1)
+        gamma, beta = 0.5 * torch.tanh(gamma), torch.tanh(beta)
         return x * (1.0 + gamma[:, :, None, None]) + beta[:, :, None, None]
 
 
 class UNetStream(nn.Module):
     """One encoder-decoder stream at half resolution.
 
-    (B, c_in, H, W) → patchify 2×2/2 → ``depth`` poolings (channels ×2 each) → decoder with
-    skip connections → (B, base, H/2, W/2). H, W multiples of ``2 ** (depth + 1)``.
+    (B, c_in, H, W) → blur-downsample ×2 and a 3×3 stem → ``depth`` poolings (channels ×2
+    each) → decoder (bilinear resize + convolutions) with skip connections → (B, base, H/2, W/2).
+    H, W multiples of ``2 ** (depth + 1)``.
     """
 
     def __init__(self, c_in: int, base: int, depth: int, norm: str, n_cond: int = 0, film_hidden: int = 32) -> None:
         super().__init__()
         chans = [base * 2**i for i in range(depth + 1)]
-        self.stem = ConvNormAct(c_in, base, norm, k=2, stride=2)
+        self.stem = nn.Sequential(BlurDown(c_in), ConvNormAct(c_in, base, norm))
         self.film = FiLM(n_cond, base, film_hidden) if n_cond else None
         self.enc = nn.ModuleList([DoubleConv(base, chans[0], norm)])
         self.enc.extend(DoubleConv(chans[i - 1], chans[i], norm) for i in range(1, depth + 1))
         self.pool = nn.MaxPool2d(2)
-        self.up = nn.ModuleList(nn.ConvTranspose2d(chans[i], chans[i - 1], 2, stride=2) for i in range(depth, 0, -1))
+        self.up = nn.ModuleList(ResizeUp(chans[i], chans[i - 1]) for i in range(depth, 0, -1))
         self.dec = nn.ModuleList(DoubleConv(2 * chans[i - 1], chans[i - 1], norm) for i in range(depth, 0, -1))
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
@@ -200,10 +243,10 @@ class GeneratorConfig:
     n_cine_frames: int = 25
     n_ir_images: int = 7
     base_channels: int = 16      # channels of each stream's first level (doubling per pooling)
-    depth: int = 3               # poolings per stream after the patchify (pad multiple 2**(depth+1))
+    depth: int = 3               # poolings per stream after the first downsampling (pad multiple 2**(depth+1))
     norm: str = "batch"          # normalisation inside the streams and fusion block (see NORMS; why batch: make_norm)
     fusion_channels: int = 32    # width of the half-resolution fusion block
-    head_channels: int = 8       # channels upsampled to full resolution
+    head_channels: int = 12      # channels upsampled to full resolution
     film_hidden: int = 32        # hidden width of the TI FiLM MLP
     ablate: tuple[str, ...] = ()  # streams removed for ablation studies: "cine" and/or "ir"
 
@@ -241,7 +284,7 @@ class VNEGenerator(nn.Module):
         f = cfg.fusion_channels
         self.fuse_in = ConvNormAct(3 * b, f, n, k=1)
         self.fuse_res = ConvNormAct(f, f, n)
-        self.to_full = nn.Sequential(nn.Conv2d(f, 4 * cfg.head_channels, 1), nn.PixelShuffle(2))
+        self.to_full = ResizeUp(f, cfg.head_channels)
         self.head = nn.Sequential(
             nn.Conv2d(cfg.head_channels + 1, cfg.head_channels, 3, padding=1),
             nn.LeakyReLU(0.1, inplace=True),

@@ -47,6 +47,7 @@ from vne.exam import InputError
 from vne.training_cache import read_index
 
 from . import CONFIG_DIR
+from .augment import augment_batch
 from .dataset import VNEDataset, data_summary, split_entries
 from .losses import GeneratorObjective, d_loss, heart_weight_map, ssim, weighted_l1
 from .networks import (
@@ -85,6 +86,7 @@ DEFAULT_CONFIG: dict = {
         "val_max_slices": 16,    # validation on the first N val slices, whole window
         "val_batch_size": 4,
     },
+    "augment": {},               # training.augment.DEFAULT_AUGMENT overrides ({"enabled": false}: none)
     "loss": {
         "adversarial": "lsgan",  # lsgan | hinge
         "w_adv": 1.0,
@@ -551,7 +553,7 @@ def train(config: dict, resume: bool = False) -> dict:
                                 num_workers=int(dcfg["num_workers"]), drop_last=True,
                                 pin_memory=rt.device.type == "cuda")
             for b in loader:
-                b = _to(b, rt.device)
+                b = _to(augment_batch(b, step, int(cfg["seed"]) + 7919 * rt.rank, cfg["augment"]), rt.device)
                 x, real = _inputs(b), b["lge"]
                 gan_on = use_gan and step >= gan_start
                 with torch.no_grad():

@@ -52,6 +52,10 @@ class ModelContract:
     model_name: str = "vne"
     model_version: str = "0.0.0"
     training_data: dict = field(default_factory=dict)
+    # What the training data spanned (filled at export from the cache; empty/None: not recorded).
+    # The runtime guard (vne.qc) refuses slices outside them.
+    trained_field_strengths_t: tuple[float, ...] = ()
+    trained_ti_range_ms: tuple[float, float] | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -66,6 +70,9 @@ class ModelContract:
         c = cls(**known)
         c.nominal_ti_ms = tuple(float(t) for t in c.nominal_ti_ms)
         c.t1_valid_range_ms = tuple(float(t) for t in c.t1_valid_range_ms)
+        c.trained_field_strengths_t = tuple(float(t) for t in c.trained_field_strengths_t or ())
+        if c.trained_ti_range_ms is not None:
+            c.trained_ti_range_ms = tuple(float(t) for t in c.trained_ti_range_ms)
         if c.n_cine_frames < 1 or c.n_ir_images < 1 or c.pad_multiple < 1:
             raise InputError(f"model contract is invalid: {raw}")
         return c

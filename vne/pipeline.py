@@ -41,6 +41,7 @@ Output series (documented in docs/gadget.md):
 from __future__ import annotations
 
 import logging
+import os
 import time
 import uuid
 from dataclasses import dataclass, field, fields, replace
@@ -52,6 +53,7 @@ import numpy as np
 from . import mrd_io
 from .contract import model_inputs
 from .exam import InputError, MRImage, Role
+from .qc import DEFAULT_QC_ACTION, QC_ACTIONS, QCResult, check_inputs, check_output
 from .roles import DEFAULT_RULES, RoleRules, meta_values
 from .slices import assemble, group_by_plane, on_t1_grid, slice_key
 from .study_cache import DEFAULT_MAX_AGE_HOURS, DEFAULT_MAX_MB, StudyCache, default_cache_dir
@@ -86,6 +88,8 @@ PROPERTY_DOCS: dict[str, str] = {
     "intra_op_threads": "ONNX Runtime intra-op threads (default: $VNE_ORT_THREADS, else ORT's default)",
     "batch_size": "largest batch of equal-grid slices per inference (default 8)",
     "prefer_gpu": "use CUDAExecutionProvider when available (default true)",
+    "qc": "quality guard (vne.qc): withhold (default: a slice that fails gets no VNE and one logged reason), "
+          "mark (the VNE is sent with VNE_QC=FAIL in its meta and description) or off",
     "role_<rule>": "override one role rule of vne.roles.RoleRules (regular expression or true/false), see docs/roles.md",
 }
 
@@ -97,6 +101,12 @@ def _bool(text: str, name: str) -> bool:
     if t in ("false", "0", "no", "off"):
         return False
     raise InputError(f"property '{name}' must be true or false, got '{text}'")
+
+
+def default_qc_action() -> str:
+    """The ``qc`` property's default: ``$VNE_QC`` if set (an operator's, or the test suite's
+    random-weight models), else :data:`vne.qc.DEFAULT_QC_ACTION` (withhold)."""
+    return os.environ.get("VNE_QC", "").strip().lower() or DEFAULT_QC_ACTION
 
 
 @dataclass
@@ -121,8 +131,11 @@ class PipelineConfig:
     intra_op_threads: int | None = None
     batch_size: int = 8
     prefer_gpu: bool = True
+    qc: str = field(default_factory=default_qc_action)
 
     def __post_init__(self) -> None:
+        if self.qc not in QC_ACTIONS:
+            raise InputError(f"qc must be one of {', '.join(QC_ACTIONS)}, got '{self.qc}'")
         if self.pixel_type not in PIXEL_TYPES:
             raise InputError(f"pixel_type must be one of {sorted(PIXEL_TYPES)}, got '{self.pixel_type}'")
         if not (self.output_scale > 0 and np.isfinite(self.output_scale)):
@@ -200,6 +213,7 @@ class VNEResult:
     meta: dict
     cine_source: str
     seconds: float
+    qc: QCResult | None = None
 
 
 @dataclass
@@ -278,6 +292,7 @@ class VNEPipeline:
         self._t_start = time.perf_counter()
         self._pool: list[MRImage] = []          # usable cine / IR images of this stream
         self._pending: list[_Pending] = []
+        self._pending_seen: list[MRImage] = []   # every accepted T1 map (for DICOM facts such as the field)
         self._t1_keys: set[tuple] = set()
         self._seen: set[tuple] = set()
         self._rejected: dict[tuple[str, str], int] = {}
@@ -485,6 +500,7 @@ class VNEPipeline:
                 self._reject(im.series, "duplicate T1 map of a slice already seen", tag)
                 return
             self._t1_keys.add(k)
+            self._pending_seen.append(im)
             self._pending.append(_Pending(t1=im, mrd=mrd, arrived=time.perf_counter()))
             return
         if not np.all(np.isfinite(im.pixels)):
@@ -562,24 +578,76 @@ class VNEPipeline:
                 log.exception("VNE: internal error preparing %s", s.key)
                 self._problem(f"no VNE for {s.key}: internal error ({exc.__class__.__name__}: {exc})")
                 continue
-            ready.append((p, s, x, cine_source))
+            verdict = self._check_inputs(s.key, grid, x)
+            if verdict is False:
+                continue
+            ready.append((p, s, x, cine_source, verdict))
         self._pending = still
         if not ready:
             return []
         try:
             ys = self.model.predict_many([r[2] for r in ready])
         except InputError as exc:
-            for p, s, _, _ in ready:
+            for p, s, *_ in ready:
                 self._problem(f"no VNE for {s.key}: model run failed: {exc}")
             return []
         except Exception as exc:
-            for p, s, _, _ in ready:
+            for p, s, *_ in ready:
                 self._problem(f"no VNE for {s.key}: model run failed ({exc.__class__.__name__}: {exc})")
             return []
         out = []
-        for (p, s, _, cine_source), y in zip(ready, ys):
-            out.append(self._result(p, s, y, cine_source))
+        for (p, s, _, cine_source, verdict), y in zip(ready, ys):
+            qc = None
+            if verdict is not None:
+                try:
+                    qc = verdict[0] + check_output(y, verdict[1])
+                except Exception as exc:  # the guard must not be the thing that breaks the chain
+                    log.exception("VNE: quality guard failed on %s", s.key)
+                    qc = verdict[0] + QCResult(False, f"quality guard error ({exc.__class__.__name__}: {exc})", 0.0)
+                if not qc.passed and self.config.qc == "withhold":
+                    self._problem(f"no VNE for {s.key}: quality guard: {qc.reason} (qc=withhold)")
+                    continue
+                if not qc.passed:
+                    self._problem(f"{s.key}: quality guard failed: {qc.reason}; VNE sent marked VNE_QC=FAIL (qc=mark)")
+            out.append(self._result(p, s, y, cine_source, qc))
         return out
+
+    @property
+    def field_strength_t(self) -> float | None:
+        """The stream's field strength (T): the ISMRMRD header's, else DICOM MagneticFieldStrength."""
+        try:
+            f = float(self.header.acquisitionSystemInformation.systemFieldStrength_T)
+            if f > 0:
+                return f
+        except (AttributeError, TypeError, ValueError):
+            pass
+        for p in self._pending_seen:
+            try:
+                f = float(_meta1(p.meta, "MagneticFieldStrength"))
+                if f > 0:
+                    return f
+            except ValueError:
+                continue
+        return None
+
+    def _check_inputs(self, key: str, grid, x: dict):
+        """The guard before the model. Returns None (qc off), False (withheld: logged), or
+        (input verdict, LV regions) to pass on to the output check."""
+        if self.config.qc == "off":
+            return None
+        c = self.model.contract
+        try:
+            verdict, lv = check_inputs(
+                x["t1_map_ms"][0, 0], x["cine"][0], x["ir"][0], x["ir_ti_ms"][0],
+                pixel_mm=float(np.mean(grid.t1.geometry.pixel_spacing_mm)), field_t=self.field_strength_t,
+                trained_fields_t=c.trained_field_strengths_t, ti_range_ms=c.trained_ti_range_ms)
+        except Exception as exc:  # the guard must not be the thing that breaks the chain
+            log.exception("VNE: quality guard failed on %s", key)
+            verdict, lv = QCResult(False, f"quality guard error ({exc.__class__.__name__}: {exc})", 0.0), None
+        if not verdict.passed and self.config.qc == "withhold":
+            self._problem(f"no VNE for {key}: quality guard: {verdict.reason} (qc=withhold)")
+            return False
+        return verdict, lv
 
     def _series_for(self, t1: MRImage) -> dict:
         if self.config.series_index is not None:
@@ -599,17 +667,17 @@ class VNEPipeline:
             st = self._series_state[index] = {"index": index, "uid": _new_uid(), "next": 1}
         return st
 
-    def _result(self, p: _Pending, s, vne: np.ndarray, cine_source: str) -> VNEResult:
+    def _result(self, p: _Pending, s, vne: np.ndarray, cine_source: str, qc: QCResult | None = None) -> VNEResult:
         t1 = p.t1
         st = self._series_for(t1)
         image_index = st["next"]
         st["next"] += 1
         base_desc = t1.series_description or "T1"
-        desc = base_desc + self.config.description_suffix
-        meta = self._meta(t1, desc, st["uid"], s, cine_source)
+        desc = base_desc + self.config.description_suffix + ("" if qc is None or qc.passed else "_QCFAIL")
+        meta = self._meta(t1, desc, st["uid"], s, cine_source, qc)
         r = VNEResult(key=s.key, t1=t1, t1_mrd=p.mrd, vne=np.asarray(vne, np.float32), series_index=st["index"],
                       image_index=image_index, series_uid=st["uid"], description=desc, meta=meta,
-                      cine_source=cine_source, seconds=time.perf_counter() - p.arrived)
+                      cine_source=cine_source, seconds=time.perf_counter() - p.arrived, qc=qc)
         self.results.append(r)
         log.info("VNE: %s -> series %d image %d (%s, cine from %s, %.0f ms after its T1 map)", s.key, r.series_index,
                  r.image_index, f"{self.model.name} {self.model.version}", cine_source, 1000 * r.seconds)
@@ -622,12 +690,14 @@ class VNEPipeline:
         hi = c.window_high * c.output_scale + c.offset
         return int(round((lo + hi) / 2)), max(1, int(round(hi - lo)))
 
-    def _meta(self, t1: MRImage, desc: str, uid: str, s, cine_source: str) -> dict:
+    def _meta(self, t1: MRImage, desc: str, uid: str, s, cine_source: str, qc: QCResult | None = None) -> dict:
         c = self.config
         m = self.model
         center, width = self._window()
         history = [h for h in _history(t1.meta)] + ["AI", VNE_TAG]
         comment = f"VNE {m.name} {m.version}"
+        if qc is not None:
+            comment += f" QC {qc.verdict} {qc.score:.2f}" + ("" if qc.passed else f": {qc.reason}")
         slope = 1.0 / c.output_scale
         intercept = -c.offset / c.output_scale
         study_uid = t1.study_uid or _meta1(t1.meta, "StudyInstanceUID")
@@ -648,7 +718,12 @@ class VNEPipeline:
             "VNE_Units": "normalised PSIR (remote myocardium ~0, LV blood ~1) = stored * RescaleSlope + RescaleIntercept",
             "VNE_SourceSeries": str(t1.series), "VNE_Slice": s.key, "VNE_CineSource": cine_source,
             "VNE_Inputs": f"{len(s.cine_frames)} cine, {len(s.ir_images)} IR ({'with' if s.ir_phase else 'without'} phase)",
+            "VNE_QC": qc.verdict if qc is not None else "OFF",
         }
+        if qc is not None:
+            meta["VNE_QCScore"] = f"{qc.score:.3f}"
+            if not qc.passed:
+                meta["VNE_QCReason"] = qc.reason
         if study_uid:
             meta["StudyInstanceUID"] = study_uid
         if for_uid:

@@ -32,6 +32,8 @@ def add_arguments(p) -> None:
     p.add_argument("--out", type=Path, required=True, help="report folder")
     p.add_argument("--ablation", action="append", default=[], metavar="NAME=MODEL", help="an ablation model to compare (repeatable)")
     p.add_argument("--max-cases", type=int, default=None, help="evaluate only the first N cases")
+    p.add_argument("--group", default=None, metavar="NAME",
+                   help="HDF5 group of the exams' ISMRMRD files (default: /dataset, else the only top-level group)")
     p.add_argument("--contour-margin-px", type=int, default=None, metavar="PX",
                    help="pixels taken off the myocardium borders before quantifying (default 1; 0 for contours "
                         "already drawn inside the borders; see docs/evaluation.md)")
@@ -53,12 +55,15 @@ def slice_index_by_position(raw_images) -> dict[tuple, int]:
     return out
 
 
-def run_model_on_file(path: Path, model: Path | None) -> tuple[list, list, str]:
-    """(VNE results, raw ISMRMRD images, header XML) of one exam file, through the gadget's pipeline."""
+def run_model_on_file(path: Path, model: Path | None, group: str | None = None) -> tuple[list, list, str]:
+    """(VNE results, raw ISMRMRD images, header XML) of one exam file, through the gadget's pipeline.
+
+    ``group``: the file's HDF5 group (:func:`vne.mrd_io.read_mrd_file`; default /dataset or the only one).
+    """
     from .. import mrd_io
     from ..pipeline import PipelineConfig, VNEPipeline
 
-    header, raw = mrd_io.read_mrd_file(path)
+    header, raw = mrd_io.read_mrd_file(path, group=group)
     pipe = VNEPipeline(PipelineConfig(model=str(model) if model else None, cache_dir="none"), header=mrd_io.parse_header(header))
     for item in raw:
         pipe.feed(item)
@@ -68,7 +73,8 @@ def run_model_on_file(path: Path, model: Path | None) -> tuple[list, list, str]:
     return pipe.results, raw, header
 
 
-def collect(exams: Path, model: Path | None, max_cases: int | None = None, desc: str = "evaluate"):
+def collect(exams: Path, model: Path | None, max_cases: int | None = None, desc: str = "evaluate",
+            group: str | None = None):
     """SliceResults for every case of a simulated set."""
     from .. import mrd_io
     from ..evaluate import SliceResult
@@ -79,7 +85,7 @@ def collect(exams: Path, model: Path | None, max_cases: int | None = None, desc:
     results = []
     for c in tqdm(cases, desc=desc, unit="exam"):
         path = exams / "mrd" / f"{c['case_id']}.h5"
-        vne_results, raw, header = run_model_on_file(path, model)
+        vne_results, raw, header = run_model_on_file(path, model, group=group)
         key = mrd_io.study_key(mrd_io.parse_header(header))
         images = [mrd_io.from_mrd(m, key) for m in raw]
         slices, _ = build_slices(images, need_lge=True)
@@ -122,10 +128,13 @@ def run(args) -> int:
         if args.masks is not None:
             from ..evaluate_dicom import collect_dicom
 
+            if args.group:
+                raise InputError("--group is for ISMRMRD exams; with --masks the exams are DICOM")
+
             return collect_dicom(args.exams, args.masks, m, lesion_free_csv=args.lesion_free_csv), {"source": "dicom"}
         if not (args.exams / "cases.json").is_file():
             raise InputError(f"{args.exams} is not a `vne simulate` output (no cases.json); for DICOM exams pass --masks")
-        return collect(args.exams, m, args.max_cases, desc=desc)
+        return collect(args.exams, m, args.max_cases, desc=desc, group=args.group)
 
     results, doc = gather(model, "evaluate")
     if not results:

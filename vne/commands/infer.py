@@ -3,7 +3,8 @@
 - ISMRMRD HDF5 in (``.h5``): every image is fed to :class:`vne.pipeline.VNEPipeline` in stream
   order, exactly as the gadget would receive it; the output file holds everything the gadget
   would send back: every input image unchanged plus the VNE series
-  (``/dataset/image_<series index>``).
+  (``/dataset/image_<series index>``). ``--group`` names the input's HDF5 group when it is not
+  ``/dataset`` and not the only one (:func:`vne.mrd_io.read_mrd_file`).
 - DICOM folder in: the exams are read with :func:`vne.dicom_io.read_dicom_folder` and fed to
   the same pipeline; the output folder gets one new DICOM series per VNE series (new
   SeriesInstanceUID, ImageType ``DERIVED\\PRIMARY\\VNE``, the same study and frame of
@@ -31,6 +32,7 @@ H5_SUFFIXES = (".h5", ".hdf5", ".mrd")
 def add_arguments(p) -> None:
     p.add_argument("input", type=Path, help="ISMRMRD HDF5 file or DICOM folder")
     p.add_argument("--out", type=Path, required=True, help="output .h5 file (for .h5 input) or folder (for DICOM input)")
+    p.add_argument("--group", default=None, metavar="NAME", help="HDF5 group of an ISMRMRD input file (default: /dataset, else the only top-level group; an MRD client output file names it after a timestamp)")
     p.add_argument("--model", type=str, default=None, help="ONNX model (default: newest models/vne-sim-*.onnx)")
     p.add_argument("--cache-dir", type=str, default="none", help="study cache folder (default: none)")
     p.add_argument("--pixel-type", choices=("float32", "uint16"), default="float32", help="VNE pixel type in the .h5 output")
@@ -77,8 +79,10 @@ def run(args) -> int:
     if src.is_file():
         if src.suffix.lower() not in H5_SUFFIXES:
             raise InputError(f"{src}: expected an ISMRMRD .h5 file or a DICOM folder")
-        n_vne, n_in, problems, where = _infer_h5(src, args.out, config, model)
+        n_vne, n_in, problems, where = _infer_h5(src, args.out, config, model, group=getattr(args, "group", None))
     else:
+        if getattr(args, "group", None):
+            raise InputError(f"--group is for ISMRMRD .h5 input, and {src} is a folder")
         n_vne, n_in, problems, where = _infer_dicom(src, args.out, config, model)
     dt = time.perf_counter() - t0
     if n_vne == 0:
@@ -89,7 +93,7 @@ def run(args) -> int:
     return 0
 
 
-def _infer_h5(src: Path, out: Path, config, model):
+def _infer_h5(src: Path, out: Path, config, model, group: str | None = None):
     import ismrmrd
 
     from ..mrd_io import read_mrd_file, write_mrd_file
@@ -99,7 +103,7 @@ def _infer_h5(src: Path, out: Path, config, model):
         raise InputError(f"--out {out}: an ISMRMRD input needs an .h5 output file")
     if out.resolve() == src.resolve():
         raise InputError("--out must differ from the input file")
-    header, images = read_mrd_file(src)
+    header, images = read_mrd_file(src, group=group)
     sent, pipeline = process_stream(images, config, header=header, model=model)
     if pipeline.cache_thread is not None:
         pipeline.cache_thread.join()

@@ -6,6 +6,10 @@ to :func:`gadgets.vne_gadget.gadget`, exactly as ``gadgetron.external.listen`` d
 connection; this server keeps accepting (one thread per connection) and keeps the model loaded
 and warm between them (one ONNX Runtime session per process, :func:`vne.model.load_model`).
 
+With ``--protocol mrd`` the same process serves the MRD streaming protocol instead
+(python-ismrmrd-server, Siemens FIRE / OpenRecon clients; :mod:`vne.mrd_server`,
+``docs/mrd-server.md``), default port 9002; the Gadgetron path is unchanged.
+
 The server binds to loopback (127.0.0.1) by default: the stream carries patient data and the
 protocol has no authentication. A model that cannot be loaded is reported once at start; the
 server still serves (pass-through only) so the scanner's images are never held up.
@@ -19,18 +23,25 @@ import sys
 import threading
 import time
 
+from .. import mrd_server
 from ..exam import InputError
 
 NAME = "serve"
-HELP = "serve the VNE gadget for Gadgetron <external><connect port=.../> (loopback by default)"
+HELP = ("serve the VNE gadget for Gadgetron <external><connect port=.../>, or for MRD clients with --protocol mrd "
+        "(loopback by default)")
 DEFAULT_PORT = 18000
+MRD_DEFAULT_PORT = 9002
 
 log = logging.getLogger("vne.serve")
 
 
 def add_arguments(p) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 exposes it)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 picks a free one)")
+    p.add_argument("--protocol", choices=("gadgetron", "mrd"), default="gadgetron",
+                   help="gadgetron: Gadgetron external-gadget connections (default); mrd: MRD streaming clients "
+                        "(python-ismrmrd-server client.py, FIRE/OpenRecon), config name 'vne'")
+    p.add_argument("--port", type=int, default=None,
+                   help=f"port (default {DEFAULT_PORT} for gadgetron, {MRD_DEFAULT_PORT} for mrd; 0 picks a free one)")
     p.add_argument("--model", default=None, help="ONNX model (default: newest models/vne-sim-*.onnx)")
     p.add_argument("--cache-dir", default=None, help="study cache folder (default $VNE_CACHE_DIR or <tmp>/vne-study-cache-<uid>)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
@@ -38,6 +49,13 @@ def add_arguments(p) -> None:
     p.add_argument("--no-warmup", action="store_true", help="skip the warm-up inference at start")
     p.add_argument("--property", "-p", action="append", default=[], metavar="NAME=VALUE",
                    help="a default gadget property (connections' own properties override it); repeatable")
+    p.add_argument("--max-active", type=int, default=16,
+                   help="mrd: connections served at once; one more gets a TEXT 'busy' and CLOSE (default 16)")
+    p.add_argument("--read-timeout", type=float, default=300.0,
+                   help="mrd: seconds without data before a connection is ended with TEXT + CLOSE (default 300)")
+    p.add_argument("--max-message-mb", type=float, default=1024.0,
+                   help="mrd: largest declared data of one image/acquisition/waveform in MiB (default 1024); "
+                        "text and image attributes are limited to 16 MiB")
 
 
 def _handle(conn: socket.socket, peer, defaults, model) -> None:
@@ -114,11 +132,25 @@ def serve(srv: socket.socket, defaults, model, *, max_connections: int = 0, stop
     return n
 
 
+def _mrd_options(args) -> "mrd_server.ServerOptions":
+    from ..framing import FrameLimits
+
+    max_active = getattr(args, "max_active", 16)
+    read_timeout = getattr(args, "read_timeout", 300.0)
+    max_mb = getattr(args, "max_message_mb", 1024.0)
+    if max_active < 1 or not read_timeout > 0 or not max_mb > 0:
+        raise InputError("--max-active, --read-timeout and --max-message-mb must be positive")
+    return mrd_server.ServerOptions(limits=FrameLimits(max_data=int(max_mb * (1 << 20))),
+                                    read_timeout_s=float(read_timeout), max_active=int(max_active))
+
+
 def run(args) -> int:
     from ..model import load_model
     from ..pipeline import PipelineConfig
     from .infer import parse_properties
 
+    protocol = getattr(args, "protocol", "gadgetron") or "gadgetron"
+    mrd_options = _mrd_options(args) if protocol == "mrd" else None
     base = PipelineConfig(model=args.model, cache_dir=args.cache_dir, intra_op_threads=args.threads)
     defaults = PipelineConfig.from_properties(parse_properties(args.property), base=base)
     model = None
@@ -130,15 +162,21 @@ def run(args) -> int:
     except InputError as exc:
         log.error("VNE model unusable: %s; serving pass-through only", exc)
         print(f"vne serve: error: {exc} (serving pass-through only)", file=sys.stderr, flush=True)
-    srv = bind(args.host, args.port)
+    port = args.port if args.port is not None else (MRD_DEFAULT_PORT if protocol == "mrd" else DEFAULT_PORT)
+    srv = bind(args.host, port)
     host, port = srv.getsockname()[:2]
     stop = threading.Event()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
     what = f"{model.name} {model.version} on {', '.join(model.providers)}" if model else "no model: pass-through"
+    if protocol == "mrd":
+        what = f"MRD protocol, config '{mrd_server.VNE_CONFIG}'; {what}"
     print(f"vne serve: listening on {host}:{port} ({what})", flush=True)
     try:
-        n = serve(srv, defaults, model, max_connections=args.max_connections, stop=stop)
+        if protocol == "mrd":
+            n = mrd_server.serve(srv, defaults, model, mrd_options, max_connections=args.max_connections, stop=stop)
+        else:
+            n = serve(srv, defaults, model, max_connections=args.max_connections, stop=stop)
     except KeyboardInterrupt:
         stop.set()
         n = -1

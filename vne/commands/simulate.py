@@ -36,6 +36,9 @@ def add_arguments(p) -> None:
     p.add_argument("--out", type=Path, required=True, help="output folder (must not exist or be empty)")
     p.add_argument("--dicom", action="store_true", help="also write a Siemens-like DICOM folder per series")
     p.add_argument("--field", type=float, choices=(1.5, 3.0), default=None, help="field strength (T); random mix if omitted")
+    p.add_argument("--family", choices=("A", "B"), default="A",
+                   help="simulator family: A (training ranges, default) or B (held out from training, for the "
+                        "generalisation gap; see vne.simulate.case.FAMILIES)")
     p.add_argument("--no-cache", action="store_true", help="skip the training cache")
     p.add_argument("--no-mrd", action="store_true", help="skip the ISMRMRD files")
     p.add_argument("--crop", type=int, default=160, help="training-cache crop around the heart (T1-grid pixels)")
@@ -48,7 +51,7 @@ def _one(job):
     from ..simulate.writers import write_case_cache, write_case_dicom, write_case_mrd
 
     seed, index, field, out, opts = job
-    case = simulate_case(seed, index, field)
+    case = simulate_case(seed, index, field, family=opts["family"])
     if not opts["no_mrd"]:
         write_case_mrd(case, out / "mrd" / f"{case.case_id}.h5")
     if opts["dicom"]:
@@ -86,7 +89,7 @@ def run(args) -> int:
     if partial.exists():
         shutil.rmtree(partial)
     partial.mkdir(parents=True)
-    opts = {"no_mrd": args.no_mrd, "dicom": args.dicom, "no_cache": args.no_cache, "crop": args.crop}
+    opts = {"no_mrd": args.no_mrd, "dicom": args.dicom, "no_cache": args.no_cache, "crop": args.crop, "family": args.family}
     jobs = [(args.seed, args.first_case + k, args.field, partial, opts) for k in range(args.cases)]
     results = []
     try:
@@ -103,7 +106,7 @@ def run(args) -> int:
     cases = [r[0] for r in results]
     entries = [e for r in results for e in r[1]]
     provenance = {"simulator_version": SIMULATOR_VERSION, "seed": args.seed, "first_case": args.first_case,
-                  "n_cases": args.cases, "field_t": args.field}
+                  "n_cases": args.cases, "field_t": args.field, "family": args.family}
     (partial / "cases.json").write_text(json.dumps({**provenance, "cases": cases}, indent=1))
     if not args.no_cache:
         write_index(partial / "cache", entries, extra=provenance)

@@ -35,6 +35,7 @@ def add_arguments(p) -> None:
     p.add_argument("--port", type=int, required=True, help="server port (vne serve: 18000; gadgetron: 9002)")
     p.add_argument("--config", default=None, help="config file to send as text, XML text, or a config name for Gadgetron")
     p.add_argument("--out", type=Path, required=True, help="output ISMRMRD .h5 file for everything received")
+    p.add_argument("--group", default=None, metavar="NAME", help="HDF5 group of the file to send (default: /dataset, else the only top-level group; an MRD client output file names it after a timestamp)")
     p.add_argument("--connect-timeout", type=float, default=5.0, help="seconds to wait for the connection (default 5)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds without any traffic before giving up (default 120)")
 
@@ -147,7 +148,7 @@ def run(args) -> int:
     from ..mrd_io import read_mrd_file, write_mrd_file
 
     t0 = time.perf_counter()
-    header, images = read_mrd_file(args.file)
+    header, images = read_mrd_file(args.file, group=getattr(args, "group", None))
     received = exchange(args.host, args.port, header, images, config=config_message(args.config),
                         connect_timeout=args.connect_timeout, timeout=args.timeout)
     out_images = [r for r in received if isinstance(r, ismrmrd.Image)]

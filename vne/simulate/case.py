@@ -17,7 +17,7 @@ from . import anatomy, signals, tissue
 from .anatomy import T, TISSUES
 from .scanner import HeartFrame, acquire, coil_shading, local_coordinates, sample_short_axis, scan_geometry, smooth_phase
 
-SIMULATOR_VERSION = "1.0"
+SIMULATOR_VERSION = "2.2"
 SLICE_LEVELS = ("basal", "mid", "apical")
 DIASTOLE_PHASE = 0.75  # T1 mapping and LGE are triggered in mid-diastole
 
@@ -55,12 +55,59 @@ class SimulatedCase:
     images: list[MRImage]
     truth: list[SliceTruth]
     meta_style: str
+    family: str = "A"
 
     @property
     def lesion_burden(self) -> float:
         """Patient burden: sum of lesion areas / sum of myocardium areas over all slices."""
         myo = sum(int(t.myocardium.sum()) for t in self.truth)
         return sum(int(t.lesion.sum()) for t in self.truth) / max(myo, 1)
+
+
+@dataclass(frozen=True)
+class SimFamily:
+    """The ranges a simulated exam is drawn from. Two families exist (:data:`FAMILIES`):
+
+    * ``"A"`` (training): wide on purpose, so that our simulator is one sample of many: heart
+      rates 40-120 bpm, ShMOLLI and MOLLI, 1.5 T and 3 T, acquired resolution 1.3-2.6 mm, cine
+      frame counts 16-40, noise over a wide range, cine-to-T1 misregistration up to 3 mm.
+    * ``"B"`` (held out, never trained on): deliberately different settings, to measure how much
+      of the model's skill is tied to family A: more MOLLI, more 3 T, finer T1 matrices, other
+      noise, anatomy and timing ranges. The gap between A's test split and B is the
+      generalisation figure in the model card (``benchmarks/family_gap.py``).
+    """
+
+    name: str
+    heart_rate_bpm: tuple[float, float]
+    p_shmolli: float
+    p_1p5t: float
+    ti_first_ms: tuple[float, float]
+    t1_spacing_mm: tuple[float, float]     # the T1 grid: 0.9375 mm half the time, else drawn here
+    t1_acquired_mm: tuple[float, float]    # acquired resolution of the T1 mapping images
+    ir_snr: tuple[float, float]
+    cine_spacing_mm: tuple[float, float]
+    cine_phases: tuple[int, int]           # inclusive
+    cine_cnr: tuple[float, float]
+    cine_misregistration_mm: float         # in-plane shift of the cine, uniform in a disk
+    ir_readout_weight: tuple[float, float]  # exponent κ of the bSSFP readout weighting of the IR images
+    wall_scale: tuple[float, float]        # multiplies the drawn wall thicknesses
+    rv_scale: tuple[float, float]          # multiplies the drawn RV depth
+    meta_styles: tuple[str, ...]
+
+
+FAMILIES = {
+    "A": SimFamily("A", heart_rate_bpm=(40, 120), p_shmolli=0.7, p_1p5t=0.6, ti_first_ms=(90, 115),
+                   t1_spacing_mm=(0.85, 1.45), t1_acquired_mm=(1.3, 2.6), ir_snr=(15, 80),
+                   cine_spacing_mm=(1.3, 2.6), cine_phases=(16, 40), cine_cnr=(15, 80),
+                   cine_misregistration_mm=3.0, ir_readout_weight=(0.0, 1.3), wall_scale=(0.8, 1.25), rv_scale=(0.8, 1.6),
+                   meta_styles=("siemens", "siemens_lower", "gadgetron")),
+    "B": SimFamily("B", heart_rate_bpm=(45, 110), p_shmolli=0.4, p_1p5t=0.4, ti_first_ms=(100, 130),
+                   t1_spacing_mm=(1.0, 1.3), t1_acquired_mm=(1.6, 2.4), ir_snr=(20, 50),
+                   cine_spacing_mm=(1.6, 2.2), cine_phases=(20, 30), cine_cnr=(20, 45),
+                   cine_misregistration_mm=2.0, ir_readout_weight=(0.5, 1.1), wall_scale=(0.9, 1.15), rv_scale=(1.0, 1.4),
+                   meta_styles=("siemens_lower", "gadgetron")),
+}
+DEFAULT_FAMILY = "A"
 
 
 def _uid(*parts) -> str:
@@ -78,27 +125,32 @@ _NAMES = {
 }
 
 
-def simulate_case(seed: int, index: int, field_t: float | None = None) -> SimulatedCase:
-    """Simulate case ``index`` of the set drawn with ``seed``.
+def simulate_case(seed: int, index: int, field_t: float | None = None, family: str = DEFAULT_FAMILY) -> SimulatedCase:
+    """Simulate case ``index`` of the set drawn with ``seed`` from ``family`` (:data:`FAMILIES`).
 
     Args:
-        field_t: 1.5 or 3; drawn at random (70% 1.5 T) when None.
+        field_t: 1.5 or 3; drawn at random (the family's share of 1.5 T) when None.
     """
-    rng = np.random.default_rng([seed, index, 20210])
+    if family not in FAMILIES:
+        raise ValueError(f"unknown simulator family {family!r} (known: {', '.join(FAMILIES)})")
+    fam = FAMILIES[family]
+    rng = np.random.default_rng([seed, index, 20210] + ([] if family == "A" else [ord(c) for c in family]))
     if field_t is None:
-        field_t = 1.5 if rng.random() < 0.7 else 3.0
+        field_t = 1.5 if rng.random() < fam.p_1p5t else 3.0
     phenotype = str(rng.choice(anatomy.PHENOTYPES, p=(0.15, 0.4, 0.25, 0.2)))
     hcm = phenotype != "normal"
     lesion_free = (not hcm) or rng.random() < 0.3
-    case_id = f"sim{seed:04d}-{index:05d}"
-    patient_id = f"VNE-SIM-{seed:04d}-{index:05d}"
+    tag = "" if family == "A" else family
+    case_id = f"sim{tag}{seed:04d}-{index:05d}"
+    patient_id = f"VNE-SIM{tag}-{seed:04d}-{index:05d}"
     study_uid = _uid("study", seed, index)
     for_uid = _uid("for", seed, index)
     tis = tissue.sample_tissue(rng, field_t, hcm)
-    hr = float(rng.uniform(50, 100))
+    hr = float(rng.uniform(*fam.heart_rate_bpm))
     rr = 60000.0 / hr
-    scheme = signals.shmolli_scheme(rng.uniform(95, 110)) if rng.random() < 0.85 else signals.molli_scheme(rng.uniform(95, 110))
-    meta_style = str(rng.choice(("siemens", "siemens_lower", "gadgetron")))
+    ti_first = rng.uniform(*fam.ti_first_ms)
+    scheme = signals.shmolli_scheme(ti_first) if rng.random() < fam.p_shmolli else signals.molli_scheme(ti_first)
+    meta_style = str(rng.choice(fam.meta_styles))
     names = {k: str(rng.choice(v)) for k, v in _NAMES.items()}
     t1_name = names["shmolli" if scheme.name == "ShMOLLI" else "molli"]
 
@@ -109,14 +161,14 @@ def simulate_case(seed: int, index: int, field_t: float | None = None) -> Simula
     gap = rng.uniform(10, 20)
 
     # One protocol per case: grids differ between scans, as on real scanners.
-    t1_spacing = float(rng.choice((0.9375, rng.uniform(0.85, 1.45))))
+    t1_spacing = float(rng.choice((0.9375, rng.uniform(*fam.t1_spacing_mm))))
     t1_fov = rng.uniform(300, 380)
     t1_aspect = float(rng.choice((0.75, rng.uniform(0.7, 0.9))))
-    cine_spacing = rng.uniform(1.4, 2.0)
+    cine_spacing = rng.uniform(*fam.cine_spacing_mm)
     cine_fov, cine_aspect = rng.uniform(300, 380), rng.uniform(0.7, 0.95)
     lge_spacing = float(rng.choice((rng.uniform(1.4, 1.5), rng.uniform(0.7, 0.8))))
     lge_fov, lge_aspect = rng.uniform(300, 380), rng.uniform(0.7, 0.95)
-    n_phases = int(rng.integers(25, 31))
+    n_phases = int(rng.integers(fam.cine_phases[0], fam.cine_phases[1] + 1))
     cine_flip = rng.uniform(45, 60)
     plane_rot = rng.uniform(-np.pi, np.pi)
 
@@ -127,6 +179,10 @@ def simulate_case(seed: int, index: int, field_t: float | None = None) -> Simula
         offset = (SLICE_LEVELS.index(level) - 1) * gap
         frame = HeartFrame(heart_centre + offset * normal + rng.normal(0, 2, 3) * 0.3, e_u, e_v)
         heart = anatomy.sample_heart(rng, phenotype, level, lesion_free)
+        wall = rng.uniform(*fam.wall_scale)
+        heart.wall_base_mm *= wall
+        heart.wall_max_mm *= wall
+        heart.rv_depth_mm *= rng.uniform(*fam.rv_scale)
         rot = plane_rot + (rng.normal(0, 0.05) if rng.random() < 0.7 else rng.uniform(-np.pi, np.pi))
 
         # --- T1 mapping: IR magnitude + phase, then the project's own fit -> T1 map
@@ -137,13 +193,17 @@ def simulate_case(seed: int, index: int, field_t: float | None = None) -> Simula
         fr, fib, _ = t1_grid
         texture = anatomy._smooth_texture(u, v, heart.texture_seed + 1, 12.0)
         shade = coil_shading(u, v, rng, rng.uniform(0.3, 0.8))
-        acq_t1 = (min(1.0, t1_spacing / rng.uniform(1.8, 2.1)),) * 2
+        acq_t1 = (min(1.0, t1_spacing / rng.uniform(*fam.t1_acquired_mm)),) * 2
         rr_beats = rr * (1 + rng.normal(0, 0.04, scheme.n_beats))
         ll_rate = 1.0 / rng.uniform(900, 1800)  # readout-driven Look-Locker rate
         inv_eff = rng.uniform(0.975, 0.995)
         t1_true, t2_map, pd_map, ecv_map = _property_maps(tis, fr, fib, texture)
         samples, ti_ms = signals.look_locker_samples(t1_true, pd_map, scheme, rr_beats, readout_rate_per_ms=ll_rate, inversion_efficiency=inv_eff)
-        snr = rng.uniform(25, 60)
+        # The single-shot bSSFP readout weights each tissue by its T2/T1 (and inflowing blood is
+        # not saturated by earlier readouts): on scanners the LV blood is 1.5-2.5x brighter than
+        # myocardium in MOLLI/ShMOLLI images. A per-pixel gain leaves the fitted T1 unchanged.
+        samples = samples * signals.readout_weight(t1_true, t2_map, rng.uniform(*fam.ir_readout_weight))
+        snr = rng.uniform(*fam.ir_snr)
         sigma = 1.0 / snr
         bg_phase = smooth_phase(u, v, rng)
         gain_ir = rng.uniform(40, 200)
@@ -168,14 +228,17 @@ def simulate_case(seed: int, index: int, field_t: float | None = None) -> Simula
                               trigger_time_ms=400.0, source=case_id, meta={"slice": s, "scheme": scheme.name}, **shared))
 
         # --- cine: bSSFP through the cycle, its own grid
-        g_cine = scan_geometry(frame, rng, spacing_mm=cine_spacing, fov_x_mm=cine_fov, aspect=cine_aspect,
+        # the cine is a separate breath-hold: the heart may sit a few mm elsewhere
+        shift = fam.cine_misregistration_mm * np.sqrt(rng.random()) * np.exp(2j * np.pi * rng.random())
+        frame_cine = frame.moved((shift.real, shift.imag), 0.0)
+        g_cine = scan_geometry(frame_cine, rng, spacing_mm=cine_spacing, fov_x_mm=cine_fov, aspect=cine_aspect,
                                rotation_rad=rot + (0 if rng.random() < 0.6 else rng.normal(0, 0.3)),
                                through_plane_mm=rng.uniform(-2.5, 2.5))
-        uc, vc = local_coordinates(g_cine, frame)
+        uc, vc = local_coordinates(g_cine, frame_cine)
         bg = anatomy.background_fractions(heart, uc, vc, cine_spacing)
         tex_c = anatomy._smooth_texture(uc, vc, heart.texture_seed + 1, 12.0)
         shade_c = coil_shading(uc, vc, rng, rng.uniform(0.3, 0.8))
-        cnr = rng.uniform(25, 60)
+        cnr = rng.uniform(*fam.cine_cnr)
         gain_c = rng.uniform(200, 1500)
         k_b, k_m = T["lv_blood"], T["lv_myocardium"]
         sb = signals.bssfp_signal(tis.t1_ms[k_b], tis.t2_ms[k_b], tis.pd[k_b], cine_flip, 1.5)
@@ -247,7 +310,7 @@ def simulate_case(seed: int, index: int, field_t: float | None = None) -> Simula
     return SimulatedCase(
         case_id=case_id, patient_id=patient_id, study_uid=study_uid, frame_of_reference_uid=for_uid,
         field_t=field_t, scheme=scheme.name, phenotype=phenotype, lesion_free=lesion_free,
-        heart_rate_bpm=hr, images=images, truth=truth, meta_style=meta_style)
+        heart_rate_bpm=hr, images=images, truth=truth, meta_style=meta_style, family=family)
 
 
 def _property_maps(tis: tissue.CaseTissue, fr: np.ndarray, fib: np.ndarray, texture: np.ndarray):

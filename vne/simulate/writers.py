@@ -112,11 +112,24 @@ def write_case_dicom(case: SimulatedCase, folder) -> None:
                      series_description=name)
 
 
+def as_delivered(case: SimulatedCase) -> list[MRImage]:
+    """The case's images exactly as the gadget sees them: encoded as the scanner stream
+    (:func:`case_to_mrd`: uint16 magnitudes, x10 T1 maps, meta spellings) and decoded again by the
+    gadget's own reader (:func:`vne.mrd_io.from_mrd`). Training data made from these cannot
+    differ from what the model meets at run time (quantisation, rounding, role and TI parsing)."""
+    header, images = case_to_mrd(case)
+    study = mrd_io.study_key(mrd_io.parse_header(header))
+    return [mrd_io.from_mrd(m, study=study) for m in images]
+
+
 def write_case_cache(case: SimulatedCase, directory, contract: ModelContract, crop: int = 160) -> list[dict]:
-    """Write each slice of a case into the training cache, through the gadget's own matching,
-    resampling and input shaping. Returns the index entries."""
+    """Write each slice of a case into the training cache, through the gadget's own decoding
+    (:func:`as_delivered`), matching, resampling and input shaping. Returns the index entries."""
     entries = []
-    t1_maps = [im for im in case.images if im.role == Role.T1_MAP]
+    delivered = as_delivered(case)
+    t1_maps = [im for im in delivered if im.role == Role.T1_MAP]
+    if len(t1_maps) != len(case.truth):
+        raise RuntimeError(f"{case.case_id}: {len(t1_maps)} decoded T1 maps for {len(case.truth)} slices")
     for truth, t1 in zip(case.truth, t1_maps):
         ii, jj = np.nonzero(truth.myocardium)
         centre = (ii.mean(), jj.mean()) if ii.size else (t1.geometry.shape[0] / 2, t1.geometry.shape[1] / 2)
@@ -124,7 +137,7 @@ def write_case_cache(case: SimulatedCase, directory, contract: ModelContract, cr
         rows, cols = heart_crop_window(centre, t1.geometry.shape, size)
         g_crop = crop_geometry(t1.geometry, rows, cols)
         t1_crop = MRImage(**{**t1.__dict__, "pixels": t1.pixels[rows, cols], "geometry": g_crop})
-        s, why = assemble(t1_crop, case.images, need_lge=True)
+        s, why = assemble(t1_crop, delivered, need_lge=True)
         if s is None:
             raise RuntimeError(f"simulator produced an unmatched slice: {why}")
         grid = on_t1_grid(s)
@@ -145,6 +158,7 @@ def write_case_cache(case: SimulatedCase, directory, contract: ModelContract, cr
             "slice_index": truth.slice_index, "level": truth.level, "lesion_burden": truth.lesion_burden,
             "lesion_free": bool(case.lesion_free), "has_masks": True, "field_strength_t": case.field_t,
             "phenotype": case.phenotype, "scheme": case.scheme, "lge_artefacts": truth.lge_artefacts,
-            "source": f"vne-simulator {SIMULATOR_VERSION}",
+            "source": f"vne-simulator {SIMULATOR_VERSION}", "family": case.family,
+            "heart_rate_bpm": round(case.heart_rate_bpm, 1), "n_cine_acquired": len(grid.cine_frames),
         })
     return entries
