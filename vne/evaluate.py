@@ -251,8 +251,13 @@ def write_report(metrics: dict, results: list[SliceResult], out_dir: Path, title
     _fig_agreement(metrics, out_dir / "fig5_agreement.png", "VNE vs LGE (same thresholds)", "VNE vs LGE {}", "vne")
     _fig_agreement(metrics, out_dir / "fig5_agreement_adjusted.png", "VNE (adjusted thresholds) vs LGE", "VNE adjusted vs LGE {}", "vne_adjusted")
     _fig_panels(results, out_dir / "fig4_panels.png", margin_px=metrics.get("contour_margin_px", quantify.CONTOUR_MARGIN_PX))
-    lines = [f"# {title}", "", f"{metrics['n_patients']} patients, {metrics['n_slices']} slices.", "",
-             "## Lesion burden agreement (per patient)", "",
+    lines = [f"# {title}", "", f"{metrics['n_patients']} patients, {metrics['n_slices']} slices.", ""]
+    if "qc" in metrics:
+        q = metrics["qc"]
+        lines += [f"Quality guard (vne.qc, qc=withhold): {q['refused']} of {q['slices']} slices refused "
+                  f"({100 * q['refusal_rate']:.1f} %); refused slices are missing from every figure below, not counted as correct.", ""]
+        lines += [f"- {r}" for r in q["reasons"][:20]] + ([""] if q["reasons"] else [])
+    lines += ["## Lesion burden agreement (per patient)", "",
              "| comparison | r | slope | ICC(A,1) [95% CI] | bias | LoA |", "| --- | --- | --- | --- | --- | --- |"]
     for name, a in metrics["agreement"].items():
         lines.append(f"| {name} | {a['r']:.3f} | {a['slope']:.2f} | {a['icc']:.3f} [{a['icc_ci'][0]:.2f}, {a['icc_ci'][1]:.2f}] | "

@@ -55,10 +55,14 @@ def slice_index_by_position(raw_images) -> dict[tuple, int]:
     return out
 
 
-def run_model_on_file(path: Path, model: Path | None, group: str | None = None) -> tuple[list, list, str]:
+def run_model_on_file(path: Path, model: Path | None, group: str | None = None,
+                      refused: list[str] | None = None) -> tuple[list, list, str]:
     """(VNE results, raw ISMRMRD images, header XML) of one exam file, through the gadget's pipeline.
 
     ``group``: the file's HDF5 group (:func:`vne.mrd_io.read_mrd_file`; default /dataset or the only one).
+    ``refused``: when given, the quality guard's refusals are appended to it (one reason per
+    slice) and an exam the guard refused entirely returns no results instead of raising: a
+    refused slice counts as missing, not as correct.
     """
     from .. import mrd_io
     from ..pipeline import PipelineConfig, VNEPipeline
@@ -68,7 +72,10 @@ def run_model_on_file(path: Path, model: Path | None, group: str | None = None) 
     for item in raw:
         pipe.feed(item)
     pipe.finish()
-    if not pipe.results:
+    guard = [m for m in pipe.problems if "quality guard" in m]
+    if refused is not None:
+        refused.extend(f"{path.stem}: {m}" for m in guard)
+    if not pipe.results and not (guard and refused is not None):
         raise InputError(f"{path.name}: no VNE produced: {'; '.join(pipe.problems) or 'no reason given'}")
     return pipe.results, raw, header
 
@@ -82,10 +89,10 @@ def collect(exams: Path, model: Path | None, max_cases: int | None = None, desc:
 
     doc = json.loads((exams / "cases.json").read_text())
     cases = doc["cases"][: max_cases or None]
-    results = []
+    results, refused = [], []
     for c in tqdm(cases, desc=desc, unit="exam"):
         path = exams / "mrd" / f"{c['case_id']}.h5"
-        vne_results, raw, header = run_model_on_file(path, model, group=group)
+        vne_results, raw, header = run_model_on_file(path, model, group=group, refused=refused)
         key = mrd_io.study_key(mrd_io.parse_header(header))
         images = [mrd_io.from_mrd(m, key) for m in raw]
         slices, _ = build_slices(images, need_lge=True)
@@ -103,6 +110,9 @@ def collect(exams: Path, model: Path | None, max_cases: int | None = None, desc:
                 lesion=t["lesion"].astype(bool), lesion_free=bool(c["lesion_free"]), artefacts=c["slices"][s]["lge_artefacts"],
                 lge_myocardium=t["lge_myocardium"].astype(bool), lge_blood_pool=t["lge_blood_pool"].astype(bool),
                 lge_remote=t["lge_remote"].astype(bool)))
+    n_slices = sum(len(c["slices"]) for c in cases)
+    doc = {**doc, "qc": {"slices": n_slices, "refused": len(refused), "refusal_rate": len(refused) / max(n_slices, 1),
+                         "reasons": refused}}
     return results, doc
 
 
@@ -146,7 +156,10 @@ def run(args) -> int:
         raise InputError(f"--contour-margin-px must be >= 0, got {margin}")
     metrics = evaluate(results, margin)
     metrics["model"] = str(model)
-    metrics["exams"] = {"folder": str(args.exams), "seed": doc.get("seed"), "simulator_version": doc.get("simulator_version")}
+    metrics["exams"] = {"folder": str(args.exams), "seed": doc.get("seed"), "simulator_version": doc.get("simulator_version"),
+                        "family": doc.get("family", "A")}
+    if "qc" in doc:  # slices the quality guard refused: missing, not correct
+        metrics["qc"] = doc["qc"]
     ablations = {}
     for spec in args.ablation:
         name, _, path = spec.partition("=")
