@@ -15,6 +15,9 @@ Three measurements, each printed as a table:
    so a collapse that ``TI@75`` repairs is caused by the TI conditioning, one that ``IR@75``
    repairs by the IR image content.
 
+   Table 1b sweeps the one input difference found on the external exams: how much brighter
+   the LV blood is than myocardium in the IR images (the bSSFP readout's T2/T1 weighting).
+
 2. **Texture.** The 2-pixel checkerboard index (:func:`vne.qc.checkerboard_index`) of each
    model's output on a flat phantom (every input constant) and inside the heart of real slices,
    next to the index of the artefact-free LGE target.
@@ -63,10 +66,15 @@ def _norm_blood(vne, tr) -> float:
     return float(b)  # the model's own units: remote ~0, blood ~1
 
 
-def simulate_at(seed: int, index: int, hr: float):
-    """The family-A case ``index`` with its heart rate forced to ``hr`` (everything else equal)."""
+def simulate_at(seed: int, index: int, hr: float | None = None, kappa: float | None = None):
+    """The family-A case ``index`` with its heart rate forced to ``hr`` and/or the IR readout
+    weighting exponent to ``kappa`` (everything else equal: the same random draws)."""
     fam = sim_case.FAMILIES["A"]
-    forced = dataclasses.replace(fam, heart_rate_bpm=(hr, hr))
+    forced = fam
+    if hr is not None:
+        forced = dataclasses.replace(forced, heart_rate_bpm=(hr, hr))
+    if kappa is not None:
+        forced = dataclasses.replace(forced, ir_readout_weight=(kappa, kappa))
     old = sim_case.FAMILIES["A"]
     sim_case.FAMILIES["A"] = forced
     try:
@@ -99,6 +107,26 @@ def heart_rate_table(models, seed: int, cases: list[int]) -> None:
                 ir_swap.append(_norm_blood(m.predict_many([{**x40, "ir": x75["ir"]}])[0], tr))
             print(f"{m.name + ' ' + m.version:18s} {c:4d} " + " ".join(f"{v:5.2f}" for v in per_hr)
                   + f"   | {np.mean(ti_swap):11.2f} | {np.mean(ir_swap):11.2f}")
+
+
+KAPPAS = (0.0, 0.5, 1.0, 1.3)
+
+
+def readout_table(models, seed: int, cases: list[int]) -> None:
+    print("\n1b. VNE LV blood mean vs the blood/myocardium brightness of the IR images (bSSFP readout")
+    print("    weighting exponent κ; κ = 0: blood ~ myocardium as in simulator <= 2.1, κ = 1: blood ~1.9x)")
+    print(f"{'model':18s} {'case':>4s} " + " ".join(f"κ={k:<4g}" for k in KAPPAS))
+    for m in models:
+        for c in cases:
+            vals = []
+            for kappa in KAPPAS:
+                case = simulate_at(seed, c, kappa=kappa)
+                per = []
+                for g, tr in _slices(as_delivered(case), case.truth):
+                    x = model_inputs(m.contract, g.t1_map_ms, g.ir_signed, g.ir_ti_ms, g.cine_frames, g.cine_trigger_ms, g.rr_interval_ms)
+                    per.append(_norm_blood(m.predict_many([x])[0], tr))
+                vals.append(np.mean(per))
+            print(f"{m.name + ' ' + m.version:18s} {c:4d} " + " ".join(f"{v:6.2f}" for v in vals))
 
 
 def texture_table(models, seed: int, cases: list[int]) -> None:
@@ -148,11 +176,13 @@ def main() -> int:
     ap.add_argument("--model", type=Path, action="append", required=True)
     ap.add_argument("--seed", type=int, default=4000, help="simulator seed (not a training seed)")
     ap.add_argument("--cases", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--skip", nargs="*", default=[], choices=("hr", "texture", "skew"))
+    ap.add_argument("--skip", nargs="*", default=[], choices=("hr", "readout", "texture", "skew"))
     a = ap.parse_args()
     models = [load_model(p) for p in a.model]
     if "hr" not in a.skip:
         heart_rate_table(models, a.seed, a.cases)
+    if "readout" not in a.skip:
+        readout_table(models, a.seed, a.cases)
     if "texture" not in a.skip:
         texture_table(models, a.seed, a.cases)
     if "skew" not in a.skip:

@@ -97,6 +97,9 @@ def test_t1_map_with_nan_or_inf(slice0, header, model, value):
 
     vne, p = run(replace_where(slice0, lambda im: im.image_series_index == T1, poison), header, model)
     assert vne == [] and "NaN or inf" in reasons(p)
+    # the end summary names the real reason, not "no T1 map in this stream"
+    assert "no T1 map in this stream" not in reasons(p)
+    assert any(m.startswith("no usable T1 map in this stream: 1 refused") and "NaN or inf" in m for m in p.problems)
 
 
 def test_complex_cine_frame_is_skipped_and_complex_t1_map_blocks_its_slice(slice0, header, model):

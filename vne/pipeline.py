@@ -293,6 +293,7 @@ class VNEPipeline:
         self._pool: list[MRImage] = []          # usable cine / IR images of this stream
         self._pending: list[_Pending] = []
         self._pending_seen: list[MRImage] = []   # every accepted T1 map (for DICOM facts such as the field)
+        self._t1_unusable: list[str] = []        # why T1 maps were refused (for the end summary)
         self._t1_keys: set[tuple] = set()
         self._seen: set[tuple] = set()
         self._rejected: dict[tuple[str, str], int] = {}
@@ -493,6 +494,7 @@ class VNEPipeline:
         if im.role == Role.T1_MAP:
             why = t1_units_problem(im.pixels, self.model.contract.t1_valid_range_ms if self.model else (100.0, 4000.0))
             if why:
+                self._t1_unusable.append(why)
                 self._problem(f"{tag}: {why}: no VNE for {slice_key(im.geometry)}")
                 return
             k = (im.series, tuple(np.round(im.geometry.position_mm, 1)))
@@ -779,7 +781,10 @@ class VNEPipeline:
         n_t1 = len(self._t1_keys)
         n_cine = sum(im.role == Role.CINE for im in self._pool)
         n_ir = sum(im.role == Role.IR_MAGNITUDE for im in self._pool)
-        if n_t1 == 0 and not self.disabled_reason:
+        if n_t1 == 0 and self._t1_unusable and not self.disabled_reason:
+            self._problem(f"no usable T1 map in this stream: {len(self._t1_unusable)} refused "
+                          f"({self._t1_unusable[0]}): no VNE", logging.INFO)
+        elif n_t1 == 0 and not self.disabled_reason:
             where = "kept in the study cache for the T1-mapping connection" if self.cache is not None else "not kept (no study cache)"
             self._problem(f"no T1 map in this stream: no VNE ({n_cine} cine and {n_ir} IR images {where})", logging.INFO)
         if n_cine == 0 and n_t1 and not self.results and not self.disabled_reason:
