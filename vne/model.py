@@ -18,10 +18,27 @@ Shapes (float32):
                        t1_map_ms (B, 1, H, W), on the T1 grid, unpadded
     predict() output:  vne (B, H, W), normalised PSIR (remote myocardium ~0, LV blood ~1)
 
+Trust (:func:`verify_model`, called by :func:`load_model` before ONNX Runtime sees the file):
+the file's sha256 is computed (cached by path, size, mtime, ctime and inode, so a warm server
+does not rehash per stream) and
+
+- an expected sha256 given by the operator (``--model-sha256``, the server-side ``model_sha256``
+  property; :func:`pin_sha256`) must match, whatever the file;
+- else a sha256 listed in ``$VNE_MODEL_SHA256_ALLOW`` (comma or space separated) is accepted;
+- else a file whose name is listed in ``models/manifest.json`` (the shipped models) must have
+  the listed sha256, and a file found by the default search or lying in a model folder
+  (:func:`model_search_dirs`) must be listed;
+- else (an operator's model by path elsewhere) it is loaded with a warning naming its sha256.
+
+A refusal is an :class:`~vne.exam.InputError`: the pipeline then passes everything through
+with the reason in every stream's log.
+
 This module never imports torch.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import re
@@ -42,12 +59,20 @@ MODEL_GLOB = "vne-sim-*.onnx"
 ENV_MODEL = "VNE_MODEL"
 ENV_MODEL_DIR = "VNE_MODEL_DIR"
 ENV_THREADS = "VNE_ORT_THREADS"
+# sha256 digests of operator models accepted without a manifest entry (comma / space separated)
+ENV_MODEL_ALLOW = "VNE_MODEL_SHA256_ALLOW"
+MANIFEST_NAME = "manifest.json"
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
 DEFAULT_BATCH_SIZE = 8
 # Expected rank and channel dimension (from the contract) of each graph input.
 _RANKS = {"cine": 4, "ir": 4, "ir_ti_ms": 2, "t1_map_ms": 4}
 
 _cache: dict[tuple, "VNEModel"] = {}
 _cache_lock = threading.Lock()
+_hashes: dict[tuple, str] = {}     # (resolved path, size, mtime_ns, ctime_ns, inode) -> sha256
+_pins: dict[str, str] = {}         # resolved path -> the sha256 an operator expects
+_reported: set[tuple] = set()      # refusals / warnings already logged (once per file state)
+_trust_lock = threading.Lock()
 
 
 def choose_providers(prefer_gpu: bool = True) -> list[str]:
@@ -95,6 +120,175 @@ def find_default_model() -> Path | None:
     return None
 
 
+# ---------------------------------------------------------------------------- trust
+def normalize_sha256(text) -> str:
+    """A sha256 as 64 lower-case hex digits (an optional ``sha256:`` prefix is dropped).
+
+    Raises:
+        InputError: anything else.
+    """
+    t = str(text or "").strip().lower()
+    if t.startswith("sha256:"):
+        t = t[len("sha256:"):]
+    if not _SHA256_RE.fullmatch(t):
+        raise InputError(f"'{str(text)[:80]}' is not a sha256 (64 hex digits)")
+    return t
+
+
+def _stamp(path: Path) -> tuple:
+    st = path.stat()
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+
+def file_sha256(path) -> str:
+    """The sha256 of a file, cached by (resolved path, size, mtime, ctime, inode)."""
+    p = Path(path).resolve()
+    key = (str(p),) + _stamp(p)
+    with _trust_lock:
+        if key in _hashes:
+            return _hashes[key]
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    digest = h.hexdigest()
+    if (str(p),) + _stamp(p) == key:  # not changed while reading
+        with _trust_lock:
+            _hashes[key] = digest
+    return digest
+
+
+def pin_sha256(path, sha256) -> None:
+    """Record the sha256 an operator expects for a model file: every later load of that file
+    in this process (also one without an explicit sha256) must match it."""
+    digest = normalize_sha256(sha256)
+    with _trust_lock:
+        _pins[str(Path(path).expanduser().resolve())] = digest
+
+
+def manifest_paths() -> list[Path]:
+    """Manifests of shipped models, first wins: the repository's ``models/manifest.json``, then
+    ``manifest.json`` in each folder of :func:`model_search_dirs` (the container copies
+    ``models/`` into ``$VNE_MODEL_DIR``)."""
+    out: list[Path] = []
+    for d in [Path(__file__).resolve().parents[1] / "models"] + model_search_dirs():
+        m = d / MANIFEST_NAME
+        if m not in out:
+            out.append(m)
+    return out
+
+
+def read_manifest(path) -> dict[str, str]:
+    """{file name: sha256} of a manifest (``{"models": {name: sha256, ...}}``); {} when absent.
+
+    Raises:
+        InputError: a manifest that exists but is not valid.
+    """
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise InputError(f"model manifest {p} is unreadable ({exc})") from None
+    models = data.get("models") if isinstance(data, dict) else None
+    if not isinstance(models, dict):
+        raise InputError(f"model manifest {p} has no 'models' object")
+    try:
+        return {str(k): normalize_sha256(v) for k, v in models.items()}
+    except InputError as exc:
+        raise InputError(f"model manifest {p}: {exc}") from None
+
+
+def manifest_entry(name: str) -> tuple[str | None, Path | None]:
+    """(listed sha256, manifest) of a model file name in the first manifest that lists it."""
+    for m in manifest_paths():
+        listed = read_manifest(m).get(name)
+        if listed:
+            return listed, m
+    return None, None
+
+
+def allowed_sha256s() -> set[str]:
+    """The digests in ``$VNE_MODEL_SHA256_ALLOW`` (invalid entries are logged and ignored)."""
+    out = set()
+    for item in re.split(r"[,\s]+", os.environ.get(ENV_MODEL_ALLOW, "").strip()):
+        if item:
+            try:
+                out.add(normalize_sha256(item))
+            except InputError as exc:
+                _report(("allow", item), logging.WARNING, f"${ENV_MODEL_ALLOW}: {exc}; ignored")
+    return out
+
+
+def _report(key: tuple, level: int, msg: str) -> None:
+    with _trust_lock:
+        if key in _reported:
+            return
+        _reported.add(key)
+    log.log(level, msg)
+
+
+def _in_model_dir(path: Path) -> bool:
+    for d in model_search_dirs():
+        try:
+            if path.parent == d.resolve():
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def verify_model(path, sha256: str | None = None, *, searched: bool = False) -> tuple[str, str]:
+    """Check a model file before it is loaded (rules in the module docstring).
+
+    Args:
+        sha256: the digest the operator expects (else a :func:`pin_sha256` of this file, if any).
+        searched: the file came from the default search (:func:`find_default_model`).
+
+    Returns:
+        (sha256, why it is trusted: ``pinned``, ``allow-listed``, ``manifest`` or ``unpinned``).
+
+    Raises:
+        InputError: a mismatch, or a shipped-looking file the manifest does not list.
+    """
+    p = Path(path).expanduser().resolve()
+    try:
+        digest = file_sha256(p)
+        state = (str(p),) + _stamp(p)
+    except OSError as exc:
+        raise InputError(f"model file {p} cannot be read ({exc.strerror or exc})") from None
+
+    def refuse(reason: str):
+        _report(state + (reason,), logging.ERROR, f"VNE model REFUSED: {reason}")
+        raise InputError(reason)
+
+    with _trust_lock:
+        expected = _pins.get(str(p))
+    if sha256:
+        expected = normalize_sha256(sha256)
+    if expected:
+        if digest != expected:
+            refuse(f"model {p} has sha256 {digest}, not the expected {expected} (--model-sha256 / model_sha256)")
+        return digest, "pinned"
+    if digest in allowed_sha256s():
+        return digest, "allow-listed"
+    listed, manifest = manifest_entry(p.name)
+    if listed is not None:
+        if digest != listed:
+            refuse(f"model {p} does not match {manifest}: sha256 {digest}, the manifest says {listed} "
+                   f"(tampered or damaged file); restore the shipped file, or pass another model with --model-sha256")
+        return digest, "manifest"
+    if searched or _in_model_dir(p):
+        where = ", ".join(str(m) for m in manifest_paths() if m.is_file()) or "no manifest found"
+        refuse(f"model {p} (sha256 {digest}) is not listed in the model manifest ({where}); add it to "
+               f"models/{MANIFEST_NAME}, or pass it with --model-sha256 or ${ENV_MODEL_ALLOW}")
+    _report(state + ("unpinned",), logging.WARNING,
+            f"VNE model {p} is not pinned (sha256 {digest}): pass --model-sha256 {digest} or list it in "
+            f"${ENV_MODEL_ALLOW} to have it checked at every load")
+    return digest, "unpinned"
+
+
 def _dim_ok(dim, expected: int) -> bool:
     """A graph dimension matches when it is symbolic (str / None) or equal."""
     return not isinstance(dim, int) or dim <= 0 or dim == expected
@@ -108,6 +302,7 @@ class ModelInfo:
     providers: list[str]
     intra_op_threads: int
     load_seconds: float
+    sha256: str = ""
 
 
 class VNEModel:
@@ -262,16 +457,24 @@ class VNEModel:
 
 
 def load_model(path=None, *, intra_op_threads: int | None = None, prefer_gpu: bool = True,
-               batch_size: int = DEFAULT_BATCH_SIZE) -> VNEModel:
+               batch_size: int = DEFAULT_BATCH_SIZE, sha256: str | None = None) -> VNEModel:
     """The process-wide session for a model file (created on first use, then reused).
+
+    The file is checked first (:func:`verify_model`; its hash is cached, so a reused session
+    costs a few ``stat`` calls).
 
     Args:
         path: the ONNX file; None -> :func:`find_default_model`.
+        sha256: the digest the operator expects (``--model-sha256``); it is also pinned for
+            later loads of the same file (:func:`pin_sha256`).
 
     Raises:
-        InputError: no model found, or the model is unusable (see :class:`VNEModel`).
+        InputError: no model found, a refused file (sha256 mismatch, not in the manifest), or
+            the model is unusable (see :class:`VNEModel`).
     """
+    searched = False
     if path is None or str(path) == "":
+        searched = not os.environ.get(ENV_MODEL)
         path = find_default_model()
         if path is None:
             dirs = ", ".join(str(d) for d in model_search_dirs())
@@ -280,10 +483,12 @@ def load_model(path=None, *, intra_op_threads: int | None = None, prefer_gpu: bo
     p = Path(path).expanduser()
     try:
         rp = p.resolve()
-        st = rp.stat()
-        stamp = (st.st_size, st.st_mtime_ns)
+        stamp = _stamp(rp)
     except OSError:
         raise InputError(f"model file {p} does not exist") from None
+    if sha256:
+        pin_sha256(rp, sha256)
+    digest, why = verify_model(rp, sha256, searched=searched)
     key = (str(rp), intra_op_threads, prefer_gpu)
     with _cache_lock:
         m = _cache.get(key)
@@ -291,12 +496,24 @@ def load_model(path=None, *, intra_op_threads: int | None = None, prefer_gpu: bo
             m.batch_size = max(1, int(batch_size))
             return m
         m = VNEModel(rp, intra_op_threads=intra_op_threads, prefer_gpu=prefer_gpu, batch_size=batch_size)
+        try:
+            changed = _stamp(rp) != stamp
+        except OSError:
+            changed = True
+        if changed:
+            raise InputError(f"model file {rp} changed while it was being loaded; refused")
         m._stamp = stamp
+        m.sha256 = m.info.sha256 = digest
         _cache[key] = m
+        log.info("VNE model %s sha256 %s (%s)", rp.name, digest, why)
         return m
 
 
 def clear_cache() -> None:
-    """Forget every cached session (tests)."""
+    """Forget every cached session, hash, pin and logged report (tests)."""
     with _cache_lock:
         _cache.clear()
+    with _trust_lock:
+        _hashes.clear()
+        _pins.clear()
+        _reported.clear()

@@ -43,7 +43,7 @@ VNE_CONFIG = "vne"
 DEBUG, INFO, WARNING, ERROR, CRITICAL = "DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"
 
 # JSON parameters a client may not set: server-side paths stay the server's (--model, --cache-dir)
-SERVER_ONLY_PROPERTIES = ("model", "cache_dir")
+from .pipeline import SERVER_ONLY_PROPERTIES  # noqa: E402  (one definition: model, model_sha256, cache_dir)
 
 
 @dataclass(frozen=True)
@@ -470,8 +470,12 @@ def serve(srv: socket.socket, defaults=None, model=None, options: ServerOptions 
                 conn, peer = srv.accept()
             except socket.timeout:
                 continue
-            except OSError:
-                break
+            except OSError as exc:
+                if stop is not None and stop.is_set():
+                    break
+                log.error("MRD server: accept() failed (%s); retrying in 0.5 s", exc)
+                time.sleep(0.5)
+                continue
             n += 1
             if slots.acquire(blocking=False):
                 log.info("MRD connection %d from %s", n, peer)

@@ -68,12 +68,19 @@ REJECTED_DTYPES = (np.int32, np.int64)
 # blood 1500-2000, fat/liver lower. Combined with the contract's t1_valid_range_ms.
 T1_MEDIAN_PLAUSIBLE_MS = (400.0, 2500.0)
 VNE_TAG = "VNE"
+# Properties that name files: taken from the server's own configuration (CLI, pipeline XML in
+# execute mode), never from a client's stream configuration (``from_properties(trusted=False)``).
+SERVER_ONLY_PROPERTIES = ("model", "model_sha256", "cache_dir")
 
 # Every property the gadget reads (pipeline XML <property name=... value=...>), with its meaning.
 PROPERTY_DOCS: dict[str, str] = {
-    "model": "path of the ONNX model; empty: $VNE_MODEL, else the newest vne-sim-*.onnx in $VNE_MODEL_DIR or models/",
+    "model": "path of the ONNX model; empty: $VNE_MODEL, else the newest vne-sim-*.onnx in $VNE_MODEL_DIR or models/ "
+             "(server-side only: ignored from a vne serve client's configuration)",
+    "model_sha256": "sha256 the model file must have (server-side only, like model); without it a shipped model is "
+                    "checked against models/manifest.json",
     "enabled": "true/false; false passes everything through and only fills the study cache",
-    "cache_dir": "study cache folder ('none' disables it); default $VNE_CACHE_DIR or <tmp>/vne-study-cache-<uid>",
+    "cache_dir": "study cache folder ('none' disables it); default $VNE_CACHE_DIR, else $XDG_CACHE_HOME/vne-study-cache, "
+                 "else <tmp>/vne-study-cache-<uid> (server-side only)",
     "cache_max_mb": f"size limit of the study cache in MB (default {DEFAULT_MAX_MB:g}; oldest entries evicted first)",
     "cache_max_age_hours": f"entries older than this are ignored and deleted (default {DEFAULT_MAX_AGE_HOURS:g})",
     "series_index": "image_series_index of the VNE series; empty: T1 map's series index + series_index_offset",
@@ -114,6 +121,7 @@ class PipelineConfig:
     """Settings of one :class:`VNEPipeline` (pipeline XML properties, CLI options)."""
 
     model: str | None = None
+    model_sha256: str | None = None     # pinned for ``model`` (vne.model.pin_sha256); server-side only
     enabled: bool = True
     role_overrides: dict[str, str] = field(default_factory=dict)
     cache_dir: str | None = None        # None: default_cache_dir(); "" / "none": disabled
@@ -144,6 +152,13 @@ class PipelineConfig:
             raise InputError("window_high must be above window_low")
         if self.series_index is not None and not 0 <= int(self.series_index) <= 65535:
             raise InputError(f"series_index must be 0..65535, got {self.series_index}")
+        if self.model_sha256:
+            from .model import find_default_model, normalize_sha256, pin_sha256
+
+            self.model_sha256 = normalize_sha256(self.model_sha256)
+            target = self.model or find_default_model()
+            if target:
+                pin_sha256(target, self.model_sha256)  # every load of that file must match
 
     @property
     def offset(self) -> float:
@@ -152,11 +167,18 @@ class PipelineConfig:
         return DEFAULT_UINT16_OFFSET if self.pixel_type == "uint16" else 0.0
 
     @classmethod
-    def from_properties(cls, props: dict[str, Any], base: "PipelineConfig | None" = None) -> "PipelineConfig":
+    def from_properties(cls, props: dict[str, Any], base: "PipelineConfig | None" = None, *,
+                        trusted: bool = True) -> "PipelineConfig":
         """A config from text properties (pipeline XML), on top of ``base`` (CLI defaults).
 
         Unknown names are logged and ignored; ``role_*`` names are checked by
         :meth:`vne.roles.RoleRules.with_overrides`.
+
+        Args:
+            trusted: the properties come from the server's own configuration (CLI, pipeline XML
+                of a gadget Gadgetron started). False for a client's stream configuration
+                (``vne serve``): :data:`SERVER_ONLY_PROPERTIES` are then ignored, with one
+                logged warning.
 
         Raises:
             InputError: a value that cannot be parsed.
@@ -165,6 +187,7 @@ class PipelineConfig:
         kinds = {f.name: f.type for f in fields(cls)}
         changes: dict[str, Any] = {}
         roles = dict(cfg.role_overrides)
+        refused: list[str] = []
         for raw_name, raw in (props or {}).items():
             name = str(raw_name).strip()
             value = raw[0] if isinstance(raw, (list, tuple)) and raw else raw
@@ -175,10 +198,15 @@ class PipelineConfig:
             if name not in kinds or name == "role_overrides":
                 log.warning("VNE gadget: unknown property '%s' ignored (known: %s)", name, ", ".join(PROPERTY_DOCS))
                 continue
+            if name in SERVER_ONLY_PROPERTIES and not trusted:
+                refused.append(f"{name}={value[:80]!r}")
+                continue
             kind = str(kinds[name])
             try:
                 if name in ("model", "cache_dir"):
                     changes[name] = value
+                elif name == "model_sha256":
+                    changes[name] = value or None
                 elif "bool" in kind:
                     changes[name] = _bool(value, name)
                 elif "int" in kind:
@@ -189,6 +217,10 @@ class PipelineConfig:
                     changes[name] = value
             except ValueError:
                 raise InputError(f"property '{name}' has an invalid value '{value}'") from None
+        if refused:
+            log.warning("VNE gadget: client properties %s ignored: the model and the study cache folder are set by the "
+                        "server (vne serve --model, --model-sha256, --cache-dir), not by a stream's configuration",
+                        ", ".join(refused))
         RoleRules().with_overrides(roles)  # validate now, with a clear message
         return replace(cfg, role_overrides=roles, **changes)
 
@@ -939,7 +971,9 @@ def run_connection(connection, defaults: PipelineConfig | None = None, *, model=
     props = properties_from_config(getattr(connection, "config", None))
     config_error = None
     try:
-        config = PipelineConfig.from_properties(props, base=defaults)
+        # a client of `vne serve` (which marks its connections untrusted) cannot name files
+        config = PipelineConfig.from_properties(props, base=defaults,
+                                                trusted=getattr(connection, "vne_trusted", True))
     except InputError as exc:
         config_error = str(exc)
         config = replace(defaults or PipelineConfig(), enabled=False)

@@ -22,7 +22,7 @@ inputs
                       (``max_cine_order_ratio``): shuffled phases fail
     * ``cine_reg``    the cine's blood/myocardium pattern correlates with the T1 map's
                       (``min_cine_t1_correlation``): a misplaced cine fails
-    * ``ir_match``    T1 refitted from the IR images correlates with the T1 map
+    * ``ir_match``    the IR images' edges fall where the T1 map's do
                       (``min_ir_t1_correlation``): an IR series from another slice fails
     * ``ir_timing``   inversion times inside the range the model was trained on
 output
@@ -152,7 +152,8 @@ class LVRegions:
     score: float             # compactness x myocardium-like fraction of the ring x its T1 homogeneity
 
 
-def find_lv(t1_map_ms: np.ndarray, pixel_mm: float, limits: QCLimits = DEFAULT_LIMITS) -> LVRegions | None:
+def find_lv(t1_map_ms: np.ndarray, pixel_mm: float, limits: QCLimits = DEFAULT_LIMITS,
+            cine: np.ndarray | None = None) -> LVRegions | None:
     """The LV blood pool and its myocardial ring, from a native T1 map alone.
 
     For each blood/myocardium split in :attr:`QCLimits.blood_myo_split_ms`, every connected
@@ -161,24 +162,35 @@ def find_lv(t1_map_ms: np.ndarray, pixel_mm: float, limits: QCLimits = DEFAULT_L
     "myocardium-like" times the homogeneity of that ring's T1 (``1 / (1 + (SD / 120 ms)²)``,
     which tells myocardium from lung around the aorta) times how close the ring/blood T1 ratio
     is to myocardium's ~0.63 (``exp(-((ratio - 0.63) / 0.12)²)``, which tells it from liver);
-    the best-scoring region over all splits wins.
+    the best-scoring region over all splits wins. With a ``cine``, the score is also weighted
+    by how much the cine moves around the candidate (the LV contracts; the aorta, a vessel or
+    a fluid pocket do not): ``clip(motion / 2, 0.25, 1)``, where motion is the mean temporal SD
+    of the cine around the candidate over the median temporal SD of the cine's body pixels.
 
     Args:
         t1_map_ms: (H, W) T1 in ms.
         pixel_mm: pixel spacing (mm).
+        cine: optional (n, H, W) cine frames on the same grid.
 
     Returns:
         the best-scoring candidate, or None when no blood-like region of LV size exists.
     """
+    motion = None
+    if cine is not None and np.asarray(cine).ndim == 3 and np.asarray(cine).shape[0] >= 4:
+        c = np.asarray(cine, np.float64)
+        sd = c.std(axis=0)
+        body = c.mean(axis=0) > 0.1 * np.percentile(c.mean(axis=0), 99)
+        motion = sd / max(float(np.median(sd[body])) if body.any() else 0.0, 1e-9)
     best: LVRegions | None = None
     for split in limits.blood_myo_split_ms:
-        cand = _find_lv_at(t1_map_ms, pixel_mm, split, limits)
+        cand = _find_lv_at(t1_map_ms, pixel_mm, split, limits, motion)
         if cand is not None and (best is None or cand.score > best.score):
             best = cand
     return best
 
 
-def _find_lv_at(t1_map_ms: np.ndarray, pixel_mm: float, split_ms: float, limits: QCLimits) -> LVRegions | None:
+def _find_lv_at(t1_map_ms: np.ndarray, pixel_mm: float, split_ms: float, limits: QCLimits,
+                motion: np.ndarray | None = None) -> LVRegions | None:
     t1 = np.nan_to_num(np.asarray(t1_map_ms, np.float64))
     blood_like = (t1 >= split_ms) & (t1 <= limits.blood_like_max_ms)
     blood_like = ndimage.binary_opening(blood_like, iterations=1)
@@ -217,6 +229,9 @@ def _find_lv_at(t1_map_ms: np.ndarray, pixel_mm: float, split_ms: float, limits:
         ratio = float(np.median(ring_t1) / max(np.median(t1[rows, cols][comp]), 1.0)) if ring_t1.size else 0.0
         plausible = float(np.exp(-(((ratio - 0.63) / 0.12) ** 2)))
         score = compact * ring_frac * homogeneous * plausible
+        if motion is not None:
+            moving = float(motion[rows, cols][outer].mean())
+            score *= float(np.clip(moving / 2.0, 0.25, 1.0))
         if best is None or score > best.score:
             full = np.zeros(t1.shape, bool)
             blood = full.copy()
@@ -285,29 +300,30 @@ def _corr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def ir_t1_correlation(ir: np.ndarray, ti_ms: np.ndarray, t1_map_ms: np.ndarray, mask: np.ndarray) -> float:
-    """How well the IR images explain the T1 map: T1 is refitted from the IR images inside
-    ``mask`` (:func:`vne.t1.fit_t1`, all samples in one Look-Locker fit, the IR's own sign) and
-    correlated with the map there. ~0.8-1 for a slice's own IR images; an IR series from
-    another slice or time gives another blood/myocardium pattern and a low correlation.
+    """Do the IR images show the same anatomy as the T1 map? The correlation, inside ``mask``,
+    between the edge strength (gradient magnitude after a 1-pixel Gaussian) of the T1 map and
+    that of the IR images (the mean over TIs of each image's normalised edge strength).
+
+    Edges are where blood meets myocardium whatever the contrast at each TI, so this does not
+    depend on the Look-Locker details (readout saturation, inflow, sign restoration) that make a
+    T1 refit unreliable; an IR series from another slice puts its edges elsewhere. ~0.6-0.9 for
+    a slice's own images.
 
     Args:
-        ir: (n, H, W) IR images with the recovery sign restored; ti_ms: (n,).
+        ir: (n, H, W) IR images (any sign); ti_ms: (n,) (unused, kept for the call signature).
     """
-    from .t1 import fit_t1
-
     m = np.asarray(mask, bool)
-    ir = np.asarray(ir, np.float64)
-    phase = np.where(ir < 0, np.pi, 0.0)
-    try:
-        fit = fit_t1(np.abs(ir), np.asarray(ti_ms, float), ir_phase=phase, scheme="molli", mask=m,
-                     min_mean_signal=0.0)
-    except Exception:
+    if m.sum() < 16:
         return float("nan")
-    refit = fit.t1_ms[m]
-    ok = np.isfinite(refit) & (refit > 0)
-    if ok.sum() < 16:
-        return float("nan")
-    return _corr(refit[ok], np.asarray(t1_map_ms, np.float64)[m][ok])
+    t1 = np.asarray(t1_map_ms, np.float64)
+    e_t1 = ndimage.gaussian_gradient_magnitude(t1, 1.0)[m]
+    e_ir = np.zeros(int(m.sum()))
+    for img in np.abs(np.asarray(ir, np.float64)):
+        e = ndimage.gaussian_gradient_magnitude(img, 1.0)[m]
+        scale = float(np.percentile(e, 95))
+        if scale > 0:
+            e_ir += e / scale
+    return _corr(e_t1, e_ir)
 
 
 # --------------------------------------------------------------------------------------------
@@ -351,7 +367,7 @@ def check_inputs(
                         f"({', '.join(f'{f:g} T' for f in trained_fields_t)})")
     if field_t is None and len(trained_fields_t) == 1:
         field_t = float(trained_fields_t[0])  # undeclared: judge the T1 by the model's one field
-    lv = find_lv(t1_map_ms, pixel_mm, limits)
+    lv = find_lv(t1_map_ms, pixel_mm, limits, cine=cine)
     if lv is None or lv.score < limits.min_lv_score:
         c.measures["lv"] = round(lv.score, 3) if lv else 0.0
         c.fail("lv", "no LV blood pool ringed by myocardium found in the T1 map "

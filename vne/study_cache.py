@@ -17,17 +17,27 @@ Layout (``root`` is created with mode 0700: the entries hold patient images)::
 written to a temporary name and renamed into place (the JSON last: it marks the entry
 complete), so a reader never sees half an entry and a crash leaves no corrupt one.
 
+Trust: the folder must be private (:func:`folder_problem`: a real directory, not a symlink,
+owned by this user, not writable by group or others; a missing one is created 0700), else the
+cache is refused with a logged reason and the pipeline runs without it. Each record stores
+the sha256 of its npz; on read the npz must be the record's own file inside the cache root and
+match that hash, and any failure (mismatch, damaged zip, bad record) drops the entry with a
+logged reason instead of raising.
+
 Limits: entries older than ``max_age_hours`` are ignored and deleted; when the whole cache is
-larger than ``max_mb`` the oldest entries are deleted first. Both are enforced on every write.
+larger than ``max_mb`` the oldest entries are deleted first. Both are enforced on every write;
+a ``max_mb`` smaller than one entry is logged as a WARNING (the cache then keeps nothing).
 An unwritable or unreadable folder is logged once and the cache behaves as empty: the
 pipeline carries on without it.
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
+import stat
 import tempfile
 import threading
 import time
@@ -40,11 +50,12 @@ from .exam import Geometry, MRImage, Role
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: records carry npz_sha256
 CACHED_ROLES = (Role.CINE, Role.IR_MAGNITUDE, Role.IR_PHASE)
 DEFAULT_MAX_MB = 2048.0
 DEFAULT_MAX_AGE_HOURS = 48.0
 ENV_CACHE_DIR = "VNE_CACHE_DIR"
+ENV_XDG_CACHE = "XDG_CACHE_HOME"
 _STALE_TMP_S = 3600.0
 _WAIT_S = 60.0
 # study hash -> Event set when this process's background write of that study is done
@@ -53,12 +64,38 @@ _inflight_lock = threading.Lock()
 
 
 def default_cache_dir() -> Path:
-    """$VNE_CACHE_DIR, else ``<tmp>/vne-study-cache-<uid>``."""
+    """$VNE_CACHE_DIR, else ``$XDG_CACHE_HOME/vne-study-cache`` (when set to an absolute path),
+    else ``<tmp>/vne-study-cache-<uid>``. Whichever it is must pass :func:`folder_problem`."""
     env = os.environ.get(ENV_CACHE_DIR)
     if env:
         return Path(env)
+    xdg = os.environ.get(ENV_XDG_CACHE, "").strip()
+    if xdg and os.path.isabs(xdg):
+        return Path(xdg) / "vne-study-cache"
     uid = os.getuid() if hasattr(os, "getuid") else 0
     return Path(tempfile.gettempdir()) / f"vne-study-cache-{uid}"
+
+
+def folder_problem(path: Path) -> str | None:
+    """Why ``path`` cannot hold patient images, or None when it is private to this user.
+
+    Refused: a symlink (even to a good folder: point the setting at the real one), not a
+    directory, owned by another user, or writable by group or others.
+    """
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        return f"cannot be inspected ({exc.strerror or exc})"
+    if stat.S_ISLNK(st.st_mode):
+        return f"is a symlink (to {os.path.realpath(path)}); use a real folder private to this user"
+    if not stat.S_ISDIR(st.st_mode):
+        return "is not a folder"
+    if hasattr(os, "geteuid") and st.st_uid != os.geteuid():
+        return f"is owned by uid {st.st_uid}, not by this user (uid {os.geteuid()})"
+    if st.st_mode & 0o022:
+        who = "others" if st.st_mode & 0o002 else "its group"
+        return f"is writable by {who} (mode {stat.S_IMODE(st.st_mode):04o}); it must be private to this user (0700)"
+    return None
 
 
 def study_hash(study_uid: str, frame_of_reference_uid: str) -> str:
@@ -133,11 +170,42 @@ class StudyCache:
         self.max_bytes = int(float(max_mb) * 1024 * 1024)
         self.max_age_s = float(max_age_hours) * 3600.0
         self._warned = False
+        self._refused: str | None = None
+        self._trusted = False
+        self._size_warned = False
 
     def _warn_once(self, what: str, exc: BaseException) -> None:
         if not self._warned:
             log.warning("study cache %s: %s (%s); continuing without it", self.root, what, exc)
             self._warned = True
+
+    def _usable(self, create: bool) -> bool:
+        """Whether the root may be used (checked once per instance, created 0700 if asked);
+        a refusal is logged once with its reason."""
+        if self._trusted:
+            return True
+        if self._refused is not None:
+            return False
+        if not os.path.lexists(self.root):
+            if not create:
+                return False
+            try:
+                self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+            except OSError as exc:
+                self._warn_once("cannot create the folder", exc)
+                return False
+        problem = folder_problem(self.root)
+        if problem:
+            self._refused = problem
+            log.error("study cache %s refused: it %s; running without the study cache", self.root, problem)
+            return False
+        self._trusted = True
+        return True
+
+    def _drop(self, js: Path, why: str) -> None:
+        """Delete a bad entry (its record and its own npz, both inside the folder) and log why."""
+        log.warning("study cache: entry %s/%s %s; entry deleted", js.parent.name, js.stem, why)
+        self._remove(js, js.with_suffix(".npz"))
 
     # ------------------------------------------------------------------ writing
     def put(self, images: list[MRImage], *, study_uid: str, frame_of_reference_uid: str, origin: str) -> int:
@@ -155,20 +223,22 @@ class StudyCache:
         if not images:
             return 0
         folder = self.root / study_hash(study_uid, frame_of_reference_uid)
+        if not self._usable(create=True):
+            return 0
         try:
-            self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
             folder.mkdir(exist_ok=True, mode=0o700)
         except OSError as exc:
             self._warn_once("cannot create the folder", exc)
             return 0
-        written = 0
+        written = largest = 0
         for role in CACHED_ROLES:
             for group in group_by_plane([im for im in images if im.role == role]):
                 g0 = group[0].geometry
                 ident = f"{origin}|{role.value}|{group[0].series}|{np.round(g0.position_mm, 1).tolist()}"
                 entry = hashlib.sha256(ident.encode()).hexdigest()[:20]
                 try:
-                    self._write_entry(folder, entry, role, group, study_uid, frame_of_reference_uid, origin)
+                    largest = max(largest, self._write_entry(folder, entry, role, group, study_uid,
+                                                             frame_of_reference_uid, origin))
                     written += 1
                 except OSError as exc:
                     self._warn_once("cannot write an entry", exc)
@@ -176,18 +246,28 @@ class StudyCache:
         if written:
             log.info("study cache: stored %d entr%s (%d images) for study ...%s in %s", written,
                      "y" if written == 1 else "ies", len(images), study_uid[-8:], folder)
+        if largest > self.max_bytes and not self._size_warned:
+            self._size_warned = True
+            log.warning("study cache: one entry is %.2f MB, more than cache_max_mb (%.2f MB): every entry is evicted "
+                        "as soon as it is written, so later connections find nothing; raise cache_max_mb",
+                        largest / 2**20, self.max_bytes / 2**20)
         self.evict()
         return written
 
     def _write_entry(self, folder: Path, entry: str, role: Role, group: list[MRImage], study_uid: str,
-                     for_uid: str, origin: str) -> None:
+                     for_uid: str, origin: str) -> int:
+        """Write one entry; returns its size in bytes (npz + record)."""
         arrays = {f"p{k:04d}": _compact(im.pixels) for k, im in enumerate(group)}
         npz = folder / f"{entry}.npz"
-        _atomic_write(npz, lambda f: _write_npz(f, arrays))
+        buf = io.BytesIO()
+        _write_npz(buf, arrays)
+        data = buf.getvalue()
+        _atomic_write(npz, lambda f: f.write(data))
         record = {
             "version": CACHE_VERSION, "study_uid": study_uid, "frame_of_reference_uid": for_uid,
             "patient_id": group[0].patient_id, "origin": origin, "created": time.time(), "role": role.value,
-            "series": group[0].series, "npz": npz.name, "npz_bytes": npz.stat().st_size,
+            "series": group[0].series, "npz": npz.name, "npz_bytes": len(data),
+            "npz_sha256": hashlib.sha256(data).hexdigest(),
             "images": [{
                 "key": f"p{k:04d}", "geometry": _geometry_dict(im.geometry),
                 "inversion_time_ms": im.inversion_time_ms, "trigger_time_ms": im.trigger_time_ms,
@@ -197,6 +277,7 @@ class StudyCache:
         }
         text = json.dumps(record).encode()
         _atomic_write(folder / f"{entry}.json", lambda f: f.write(text))
+        return len(data) + len(text)
 
     def put_async(self, images: list[MRImage], *, study_uid: str, frame_of_reference_uid: str, origin: str) -> threading.Thread:
         """:meth:`put` in a background (non-daemon) thread, so a connection can close at once.
@@ -238,6 +319,8 @@ class StudyCache:
         if pending is not None and not pending.wait(_WAIT_S):
             log.warning("study cache: a write of this study is still running after %.0f s; reading what is there", _WAIT_S)
         folder = self.root / h
+        if not self._usable(create=False):
+            return []
         try:
             entries = sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime)
         except OSError as exc:
@@ -246,9 +329,13 @@ class StudyCache:
             return []
         now = time.time()
         out: list[MRImage] = []
+        root = self.root.resolve()
         for js in entries:
+            stamp = None
             try:
-                if now - js.stat().st_mtime > self.max_age_s:
+                st = js.stat()
+                stamp = st.st_mtime_ns
+                if now - st.st_mtime > self.max_age_s:
                     continue
                 rec = json.loads(js.read_text())
                 if rec.get("version") != CACHE_VERSION or rec.get("study_uid") != study_uid \
@@ -256,34 +343,47 @@ class StudyCache:
                     continue
                 if exclude_origin is not None and rec.get("origin") == exclude_origin:
                     continue
-                npz = folder / rec["npz"]
-                if npz.stat().st_size != rec["npz_bytes"]:
-                    log.warning("study cache: %s does not match its record; skipped", npz)
+                npz = (folder / str(rec["npz"])).resolve()
+                if npz.parent != folder.resolve() or root not in npz.parents:
+                    self._drop(js, f"points outside the cache root ({str(rec['npz'])[:120]!r} -> {npz}); refused")
+                    continue
+                if npz.name != js.with_suffix(".npz").name:
+                    self._drop(js, f"names another entry's pixels ({npz.name}); refused")
+                    continue
+                data = npz.read_bytes()
+                if len(data) != rec["npz_bytes"] or hashlib.sha256(data).hexdigest() != rec["npz_sha256"]:
+                    if js.stat().st_mtime_ns != stamp:
+                        continue  # rewritten meanwhile (same connection): the next read sees the new one
+                    self._drop(js, f"pixels do not match the stored sha256 ({len(data)} bytes, record "
+                                   f"{rec['npz_bytes']}): damaged or altered")
                     continue
                 role = Role(rec["role"])
-                with np.load(npz) as arrays:
-                    for item in rec["images"]:
-                        out.append(MRImage(
-                            pixels=np.asarray(arrays[item["key"]], np.float32),
-                            geometry=_geometry_from(item["geometry"]), role=role,
-                            series=f"cache:{rec['origin']}:{rec['series']}",
-                            series_description=item.get("series_description", ""),
-                            inversion_time_ms=item.get("inversion_time_ms"), trigger_time_ms=item.get("trigger_time_ms"),
-                            rr_interval_ms=item.get("rr_interval_ms"), study_uid=study_uid,
-                            frame_of_reference_uid=frame_of_reference_uid, patient_id=rec.get("patient_id", ""),
-                            meta=item.get("meta", {}), source=f"study cache ({rec['origin']}: {item.get('source', '')})",
-                        ))
+                with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+                    images = [MRImage(
+                        pixels=np.asarray(arrays[item["key"]], np.float32),
+                        geometry=_geometry_from(item["geometry"]), role=role,
+                        series=f"cache:{rec['origin']}:{rec['series']}",
+                        series_description=item.get("series_description", ""),
+                        inversion_time_ms=item.get("inversion_time_ms"), trigger_time_ms=item.get("trigger_time_ms"),
+                        rr_interval_ms=item.get("rr_interval_ms"), study_uid=study_uid,
+                        frame_of_reference_uid=frame_of_reference_uid, patient_id=rec.get("patient_id", ""),
+                        meta=item.get("meta", {}), source=f"study cache ({rec['origin']}: {item.get('source', '')})",
+                    ) for item in rec["images"]]
+                out.extend(images)  # all of an entry or none of it
             except FileNotFoundError:
                 continue  # evicted by another process meanwhile
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                log.warning("study cache: unreadable entry %s skipped (%s)", js.name, exc)
+            except Exception as exc:  # BadZipFile, OSError, ValueError, KeyError, TypeError, ...: never raised
+                try:
+                    self._drop(js, f"is unreadable ({exc.__class__.__name__}: {str(exc)[:200]})")
+                except OSError:
+                    pass
         return out
 
     # ------------------------------------------------------------------ limits
     def _entries(self) -> list[tuple[float, int, Path, Path]]:
         """(mtime, bytes, json, npz) of every complete entry."""
         out = []
-        if not self.root.is_dir():
+        if not self._usable(create=False):
             return out
         for js in self.root.glob("*/*.json"):
             npz = js.with_suffix(".npz")
@@ -305,6 +405,8 @@ class StudyCache:
             (entries removed, bytes freed).
         """
         removed = freed = 0
+        if not self._usable(create=False):
+            return removed, freed
         try:
             now = time.time()
             entries = sorted(self._entries())

@@ -33,7 +33,10 @@ def add_arguments(p) -> None:
     p.add_argument("input", type=Path, help="ISMRMRD HDF5 file or DICOM folder")
     p.add_argument("--out", type=Path, required=True, help="output .h5 file (for .h5 input) or folder (for DICOM input)")
     p.add_argument("--group", default=None, metavar="NAME", help="HDF5 group of an ISMRMRD input file (default: /dataset, else the only top-level group; an MRD client output file names it after a timestamp)")
-    p.add_argument("--model", type=str, default=None, help="ONNX model (default: newest models/vne-sim-*.onnx)")
+    p.add_argument("--model", type=str, default=None, help="ONNX model (default: newest models/vne-sim-*.onnx, checked "
+                                                           "against models/manifest.json)")
+    p.add_argument("--model-sha256", default=None, metavar="HEX",
+                   help="sha256 the model file must have (a model outside models/manifest.json); a mismatch is an error")
     p.add_argument("--cache-dir", type=str, default="none", help="study cache folder (default: none)")
     p.add_argument("--pixel-type", choices=("float32", "uint16"), default="float32", help="VNE pixel type in the .h5 output")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
@@ -54,7 +57,8 @@ def parse_properties(items: list[str]) -> dict[str, str]:
 def config_from_args(args):
     from ..pipeline import PipelineConfig
 
-    base = PipelineConfig(model=args.model, cache_dir=args.cache_dir, pixel_type=getattr(args, "pixel_type", "float32"),
+    base = PipelineConfig(model=args.model, model_sha256=getattr(args, "model_sha256", None) or None,
+                          cache_dir=args.cache_dir, pixel_type=getattr(args, "pixel_type", "float32"),
                           intra_op_threads=args.threads)
     return PipelineConfig.from_properties(parse_properties(args.property), base=base)
 
@@ -75,7 +79,7 @@ def run(args) -> int:
         raise InputError(f"{src} does not exist")
     config = config_from_args(args)
     model = load_model(config.model or None, intra_op_threads=config.intra_op_threads, prefer_gpu=config.prefer_gpu,
-                       batch_size=config.batch_size)
+                       batch_size=config.batch_size, sha256=config.model_sha256)
     if src.is_file():
         if src.suffix.lower() not in H5_SUFFIXES:
             raise InputError(f"{src}: expected an ISMRMRD .h5 file or a DICOM folder")

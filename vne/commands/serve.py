@@ -11,14 +11,24 @@ With ``--protocol mrd`` the same process serves the MRD streaming protocol inste
 ``docs/mrd-server.md``), default port 9002; the Gadgetron path is unchanged.
 
 The server binds to loopback (127.0.0.1) by default: the stream carries patient data and the
-protocol has no authentication. A model that cannot be loaded is reported once at start; the
-server still serves (pass-through only) so the scanner's images are never held up.
+protocol has no authentication. A client's stream configuration cannot name files: its
+``model``, ``model_sha256`` and ``cache_dir`` properties are ignored with one logged warning
+(``PipelineConfig.from_properties(trusted=False)``); they come from this command line only. A
+model that cannot be loaded or is refused (sha256, :mod:`vne.model`) is reported at start and
+in every stream's log; the server still serves (pass-through only) so the scanner's images are
+never held up.
+
+Bounds (both protocols): ``--read-timeout`` (no data for that long ends a connection),
+``--max-active`` connections at once (gadgetron: further connections wait in the listen backlog,
+none is refused; mrd: a TEXT "busy" and CLOSE). A failed ``accept()`` (e.g. out of file
+descriptors) is logged and retried with a back-off: the server never stops listening on its own.
 """
 from __future__ import annotations
 
 import logging
 import signal
 import socket
+import struct
 import sys
 import threading
 import time
@@ -31,6 +41,10 @@ HELP = ("serve the VNE gadget for Gadgetron <external><connect port=.../>, or fo
         "(loopback by default)")
 DEFAULT_PORT = 18000
 MRD_DEFAULT_PORT = 9002
+DEFAULT_READ_TIMEOUT_S = 600.0      # gadgetron: generous, a scanner may pause between series
+MRD_DEFAULT_READ_TIMEOUT_S = 300.0
+DEFAULT_MAX_ACTIVE = 16
+_ACCEPT_RETRY_MAX_S = 5.0
 
 log = logging.getLogger("vne.serve")
 
@@ -42,23 +56,71 @@ def add_arguments(p) -> None:
                         "(python-ismrmrd-server client.py, FIRE/OpenRecon), config name 'vne'")
     p.add_argument("--port", type=int, default=None,
                    help=f"port (default {DEFAULT_PORT} for gadgetron, {MRD_DEFAULT_PORT} for mrd; 0 picks a free one)")
-    p.add_argument("--model", default=None, help="ONNX model (default: newest models/vne-sim-*.onnx)")
-    p.add_argument("--cache-dir", default=None, help="study cache folder (default $VNE_CACHE_DIR or <tmp>/vne-study-cache-<uid>)")
+    p.add_argument("--model", default=None, help="ONNX model (default: newest models/vne-sim-*.onnx, checked against "
+                                                 "models/manifest.json)")
+    p.add_argument("--model-sha256", default=None, metavar="HEX",
+                   help="sha256 the model file must have (a model outside models/manifest.json; else "
+                        "$VNE_MODEL_SHA256_ALLOW). A mismatch: pass-through only, with the reason in every stream's log")
+    p.add_argument("--cache-dir", default=None, help="study cache folder, private to this user (default $VNE_CACHE_DIR, else "
+                        "$XDG_CACHE_HOME/vne-study-cache, else <tmp>/vne-study-cache-<uid>)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     p.add_argument("--max-connections", type=int, default=0, help="exit after this many connections (0: run until stopped)")
     p.add_argument("--no-warmup", action="store_true", help="skip the warm-up inference at start")
     p.add_argument("--property", "-p", action="append", default=[], metavar="NAME=VALUE",
                    help="a default gadget property (connections' own properties override it); repeatable")
-    p.add_argument("--max-active", type=int, default=16,
-                   help="mrd: connections served at once; one more gets a TEXT 'busy' and CLOSE (default 16)")
-    p.add_argument("--read-timeout", type=float, default=300.0,
-                   help="mrd: seconds without data before a connection is ended with TEXT + CLOSE (default 300)")
+    p.add_argument("--max-active", type=int, default=DEFAULT_MAX_ACTIVE,
+                   help="connections served at once (default 16); gadgetron: more wait in the listen backlog; "
+                        "mrd: one more gets a TEXT 'busy' and CLOSE")
+    p.add_argument("--read-timeout", type=float, default=None,
+                   help=f"seconds without data before a connection is ended (default {DEFAULT_READ_TIMEOUT_S:g} for "
+                        f"gadgetron, {MRD_DEFAULT_READ_TIMEOUT_S:g} for mrd, which ends it with TEXT + CLOSE)")
     p.add_argument("--max-message-mb", type=float, default=1024.0,
                    help="mrd: largest declared data of one image/acquisition/waveform in MiB (default 1024); "
                         "text and image attributes are limited to 16 MiB")
 
 
-def _handle(conn: socket.socket, peer, defaults, model) -> None:
+class _TimedSocket:
+    """A socket proxy with a read / write timeout that survives ``settimeout(None)``.
+
+    ``gadgetron.external.Connection`` sets its socket blocking and reads with
+    ``recv(n, MSG_WAITALL)``; the kernel's SO_RCVTIMEO / SO_SNDTIMEO bound each call instead,
+    and the resulting ``EAGAIN`` becomes a :class:`TimeoutError` that names the option.
+    """
+
+    def __init__(self, sock: socket.socket, timeout_s: float) -> None:
+        self._sock = sock
+        self._timeout_s = float(timeout_s)
+        sec = int(self._timeout_s)
+        tv = struct.pack("ll", sec, int((self._timeout_s - sec) * 1e6))
+        for opt in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
+            sock.setsockopt(socket.SOL_SOCKET, opt, tv)
+
+    def _timeout(self, what: str) -> TimeoutError:
+        return TimeoutError(f"no {what} for {self._timeout_s:g} s (--read-timeout)")
+
+    def recv(self, n, *flags):
+        try:
+            return self._sock.recv(n, *flags)
+        except BlockingIOError:
+            raise self._timeout("data from the peer") from None
+
+    def send(self, data, *flags):
+        try:
+            return self._sock.send(data, *flags)
+        except BlockingIOError:
+            raise self._timeout("progress sending to the peer") from None
+
+    def sendall(self, data, *flags):
+        try:
+            return self._sock.sendall(data, *flags)
+        except BlockingIOError:
+            raise self._timeout("progress sending to the peer") from None
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+
+def _handle(conn: socket.socket, peer, defaults, model, read_timeout_s: float | None = None) -> None:
     from gadgetron.external import Connection
 
     from ..pipeline import EOFGuardSocket
@@ -70,10 +132,14 @@ def _handle(conn: socket.socket, peer, defaults, model) -> None:
     t0 = time.perf_counter()
     try:
         conn.settimeout(None)
-        with Connection(EOFGuardSocket(conn)) as c:
+        sock = _TimedSocket(conn, read_timeout_s) if read_timeout_s else conn
+        with Connection(EOFGuardSocket(sock)) as c:
+            c.vne_trusted = False  # a client: its configuration may not name files (run_connection)
             p = gadget(c, defaults, model=model)
         log.info("connection from %s done in %.1f s: %d items, %d VNE image(s)", peer, time.perf_counter() - t0,
                  p.n_items, len(p.results))
+    except TimeoutError as exc:
+        log.error("connection from %s ended: %s", peer, exc)
     except (AssertionError, ConnectionError, OSError, EOFError) as exc:
         log.error("connection from %s failed before or during the stream (%s: %s); expected CONFIG (text), "
                   "HEADER, images, CLOSE", peer, exc.__class__.__name__, exc)
@@ -104,24 +170,64 @@ def bind(host: str, port: int) -> socket.socket:
     return srv
 
 
-def serve(srv: socket.socket, defaults, model, *, max_connections: int = 0, stop: threading.Event | None = None) -> int:
-    """Accept connections on ``srv`` until ``stop`` is set or ``max_connections`` were served."""
+def serve(srv: socket.socket, defaults, model, *, max_connections: int = 0, stop: threading.Event | None = None,
+          read_timeout_s: float | None = DEFAULT_READ_TIMEOUT_S, max_active: int = DEFAULT_MAX_ACTIVE) -> int:
+    """Accept connections on ``srv`` until ``stop`` is set or ``max_connections`` were served.
+
+    At most ``max_active`` connections are served at once; while all are busy no new one is
+    accepted (they wait in the listen backlog). A failed ``accept()`` is logged and retried.
+    """
     stop = stop or threading.Event()
     srv.settimeout(0.5)
+    slots = threading.BoundedSemaphore(max(1, int(max_active)))
     workers: list[threading.Thread] = []
-    n = 0
+    n = failures = 0
+    saturated = False
+
+    def run_one(conn, peer):
+        try:
+            _handle(conn, peer, defaults, model, read_timeout_s)
+        finally:
+            slots.release()
+
     try:
         while not stop.is_set():
+            if not slots.acquire(timeout=0.5):
+                if not saturated:
+                    log.warning("%d connections active (--max-active): new connections wait until one ends", max_active)
+                    saturated = True
+                continue
+            saturated = False
             try:
                 conn, peer = srv.accept()
             except socket.timeout:
+                slots.release()
                 continue
-            except OSError:
-                break
+            except OSError as exc:
+                slots.release()
+                if srv.fileno() < 0:
+                    log.error("the listening socket was closed (%s); no longer serving", exc)
+                    break
+                failures += 1
+                delay = min(_ACCEPT_RETRY_MAX_S, 0.05 * 2 ** min(failures, 7))
+                log.error("accept() failed (%s); still listening, retrying in %.1f s (failure %d in a row)",
+                          exc, delay, failures)
+                stop.wait(delay)
+                continue
+            failures = 0
             n += 1
             log.info("connection %d from %s", n, peer)
-            t = threading.Thread(target=_handle, args=(conn, peer, defaults, model), name=f"vne-conn-{n}", daemon=True)
-            t.start()
+            t = threading.Thread(target=run_one, args=(conn, peer), name=f"vne-conn-{n}", daemon=True)
+            try:
+                t.start()
+            except RuntimeError as exc:  # no thread to be had: drop this one, keep listening
+                slots.release()
+                log.error("connection %d from %s dropped: cannot start a thread (%s)", n, peer, exc)
+                try:
+                    conn.close()
+                except OSError:
+                    pass
+                continue
             workers = [w for w in workers if w.is_alive()] + [t]
             if max_connections and n >= max_connections:
                 break
@@ -135,8 +241,9 @@ def serve(srv: socket.socket, defaults, model, *, max_connections: int = 0, stop
 def _mrd_options(args) -> "mrd_server.ServerOptions":
     from ..framing import FrameLimits
 
-    max_active = getattr(args, "max_active", 16)
-    read_timeout = getattr(args, "read_timeout", 300.0)
+    max_active = getattr(args, "max_active", DEFAULT_MAX_ACTIVE)
+    read_timeout = getattr(args, "read_timeout", None)
+    read_timeout = MRD_DEFAULT_READ_TIMEOUT_S if read_timeout is None else read_timeout
     max_mb = getattr(args, "max_message_mb", 1024.0)
     if max_active < 1 or not read_timeout > 0 or not max_mb > 0:
         raise InputError("--max-active, --read-timeout and --max-message-mb must be positive")
@@ -151,12 +258,19 @@ def run(args) -> int:
 
     protocol = getattr(args, "protocol", "gadgetron") or "gadgetron"
     mrd_options = _mrd_options(args) if protocol == "mrd" else None
-    base = PipelineConfig(model=args.model, cache_dir=args.cache_dir, intra_op_threads=args.threads)
-    defaults = PipelineConfig.from_properties(parse_properties(args.property), base=base)
+    read_timeout = getattr(args, "read_timeout", None)
+    read_timeout = DEFAULT_READ_TIMEOUT_S if read_timeout is None else float(read_timeout)
+    max_active = int(getattr(args, "max_active", DEFAULT_MAX_ACTIVE))
+    if not read_timeout > 0 or max_active < 1:
+        raise InputError("--read-timeout and --max-active must be positive")
+    base = PipelineConfig(model=args.model, model_sha256=getattr(args, "model_sha256", None) or None,
+                          cache_dir=args.cache_dir, intra_op_threads=args.threads)
+    # the server's own command line: trusted (it may name the model and the cache folder)
+    defaults = PipelineConfig.from_properties(parse_properties(args.property), base=base, trusted=True)
     model = None
     try:
         model = load_model(defaults.model or None, intra_op_threads=defaults.intra_op_threads,
-                           prefer_gpu=defaults.prefer_gpu, batch_size=defaults.batch_size)
+                           prefer_gpu=defaults.prefer_gpu, batch_size=defaults.batch_size, sha256=defaults.model_sha256)
         if not args.no_warmup:
             log.info("warm-up inference: %.2f s", model.warm_up((256, 256)))
     except InputError as exc:
@@ -176,7 +290,8 @@ def run(args) -> int:
         if protocol == "mrd":
             n = mrd_server.serve(srv, defaults, model, mrd_options, max_connections=args.max_connections, stop=stop)
         else:
-            n = serve(srv, defaults, model, max_connections=args.max_connections, stop=stop)
+            n = serve(srv, defaults, model, max_connections=args.max_connections, stop=stop,
+                      read_timeout_s=read_timeout, max_active=max_active)
     except KeyboardInterrupt:
         stop.set()
         n = -1
