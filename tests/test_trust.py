@@ -29,7 +29,7 @@ from vne import model as M
 from vne.pipeline import PipelineConfig, VNEPipeline, process_stream
 from vne.study_cache import StudyCache, default_cache_dir, study_hash
 
-SHIPPED = H.REPO / "models" / "vne-sim-0.2.0.onnx"
+SHIPPED = __import__("vne.model", fromlist=["find_default_model"]).find_default_model()  # the newest shipped model
 STUDY, FOR = "1.2.3.4", "1.2.3.5"
 
 

@@ -203,8 +203,12 @@ def is_vne(name: str | None) -> bool:
 
 def vne_properties(config) -> tuple[dict[str, str], list[str]]:
     """(pipeline properties, notes) from a JSON config's ``parameters``: the names of
-    :data:`vne.pipeline.PROPERTY_DOCS` and ``role_*``; others (scanner UI parameters) are ignored."""
+    :data:`vne.pipeline.PROPERTY_DOCS` and ``role_*``, or their OpenRecon ids (the name without
+    underscores, as OpenRecon allows ``[A-Za-z0-9]`` only: ``pixeltype``); others (scanner UI
+    parameters) are ignored."""
     from .pipeline import PROPERTY_DOCS
+
+    aliases = {p.replace("_", "").lower(): p for p in PROPERTY_DOCS if "<" not in p}
 
     props: dict[str, str] = {}
     notes: list[str] = []
@@ -215,6 +219,8 @@ def vne_properties(config) -> tuple[dict[str, str], list[str]]:
         name = str(k).strip()
         if name in ("config", "customconfig"):
             continue
+        if name not in PROPERTY_DOCS and not name.lower().startswith("role_"):
+            name = aliases.get(name.lower(), name)
         if name in SERVER_ONLY_PROPERTIES:
             notes.append(f"parameter '{name}' is set by the server (vne serve --{name.replace('_', '-')}), not by "
                          f"the client; ignored")

@@ -14,10 +14,20 @@ Without ``--config``, an empty ``<configuration/>`` is sent as text, which is wh
 
 Timeouts are bounded (``--connect-timeout``, and ``--timeout`` without any traffic); an
 unreachable server is one line: ``vne stream: error: cannot connect to HOST:PORT: ...``.
+
+``--protocol mrd`` plays an MRD streaming client instead (python-ismrmrd-server's ``client.py``,
+a FIRE / OpenRecon host) against an MRD server such as ``vne serve --protocol mrd``
+(``docs/mrd-server.md``): CONFIG_FILE with the config name (``--config``, default ``vne``; JSON
+text or a JSON file goes as CONFIG_TEXT), HEADER, an optional TEXT with JSON parameters
+(``--param NAME=VALUE``: python-ismrmrd-server's "configAdditional", ``parameters.config`` set to
+the config name), every image, CLOSE. Replies are framed with :mod:`vne.framing` (the same
+framing the server uses, every declared length checked before it is read) until the server's
+CLOSE: the images go to ``--out``, the TEXT (logging) messages are printed, one per line.
 """
 from __future__ import annotations
 
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -32,8 +42,17 @@ DEFAULT_CONFIG = "<configuration/>"
 def add_arguments(p) -> None:
     p.add_argument("file", type=Path, help="ISMRMRD HDF5 file to send")
     p.add_argument("--host", default="127.0.0.1", help="server address (default 127.0.0.1)")
-    p.add_argument("--port", type=int, required=True, help="server port (vne serve: 18000; gadgetron: 9002)")
-    p.add_argument("--config", default=None, help="config file to send as text, XML text, or a config name for Gadgetron")
+    p.add_argument("--protocol", choices=("gadgetron", "mrd"), default="gadgetron",
+                   help="gadgetron: the Gadgetron / ISMRMRD protocol (default); mrd: an MRD streaming client "
+                        "(python-ismrmrd-server, OpenRecon) for `vne serve --protocol mrd`")
+    p.add_argument("--port", type=int, required=True,
+                   help="server port (vne serve: 18000; gadgetron and vne serve --protocol mrd: 9002)")
+    p.add_argument("--config", default=None,
+                   help="gadgetron: config file to send as text, XML text, or a config name; mrd: the config name "
+                        "(default 'vne'), or JSON text / a JSON file sent as CONFIG_TEXT")
+    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="mrd: a parameter sent in the JSON TEXT after HEADER ({\"parameters\": {...}}), e.g. "
+                        "--param pixel_type=uint16; repeatable")
     p.add_argument("--out", type=Path, required=True, help="output ISMRMRD .h5 file for everything received")
     p.add_argument("--group", default=None, metavar="NAME", help="HDF5 group of the file to send (default: /dataset, else the only top-level group; an MRD client output file names it after a timestamp)")
     p.add_argument("--connect-timeout", type=float, default=5.0, help="seconds to wait for the connection (default 5)")
@@ -147,6 +166,10 @@ def run(args) -> int:
 
     from ..mrd_io import read_mrd_file, write_mrd_file
 
+    if getattr(args, "protocol", "gadgetron") == "mrd":
+        return run_mrd(args)
+    if getattr(args, "param", None):
+        raise InputError("--param is for --protocol mrd (Gadgetron reads properties from its --config XML)")
     t0 = time.perf_counter()
     header, images = read_mrd_file(args.file, group=getattr(args, "group", None))
     received = exchange(args.host, args.port, header, images, config=config_message(args.config),
@@ -160,4 +183,195 @@ def run(args) -> int:
     print(f"vne stream: sent {len(images)} images to {args.host}:{args.port}, received {len(out_images)} "
           f"({len(out_images) - sum(im.image_series_index in sent_series for im in out_images)} in new series "
           f"{', '.join(map(str, new)) or '-'}{extra}) -> {args.out} in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+# ---------------------------------------------------------------------------- --protocol mrd
+MRD_DEFAULT_CONFIG = "vne"
+
+
+class MRDReply:
+    """Everything an MRD server sent back, in order, up to its CLOSE.
+
+    Attributes:
+        frames: every message received except CLOSE (:class:`vne.framing.Frame`: exact bytes in
+            ``raw``).
+        got_close: the server ended with CLOSE.
+    """
+
+    def __init__(self) -> None:
+        self.frames: list = []
+        self.got_close = False
+
+    def of(self, msg_id: int) -> list:
+        return [f for f in self.frames if f.msg_id == msg_id]
+
+    @property
+    def texts(self) -> list[str]:
+        """The TEXT (logging) messages, NUL stripped."""
+        from .. import framing as F
+
+        return [f.text or "" for f in self.of(F.TEXT)]
+
+
+def parse_params(items: list[str]) -> dict[str, str]:
+    """``--param NAME=VALUE`` items as a dict (values stay text, as OpenRecon sends them)."""
+    params: dict[str, str] = {}
+    for it in items or []:
+        if "=" not in it:
+            raise InputError(f"--param '{it}' is not NAME=VALUE")
+        k, v = it.split("=", 1)
+        if not k.strip():
+            raise InputError(f"--param '{it}' has no name")
+        params[k.strip()] = v.strip()
+    return params
+
+
+def mrd_config_message(config: str | None) -> bytes:
+    """The first message of an MRD session for ``--config``: CONFIG_FILE with a config name
+    (default ``vne``), or CONFIG_TEXT for JSON text or a file holding it."""
+    from .. import framing as F
+
+    text = MRD_DEFAULT_CONFIG if config is None else config
+    if text.lstrip().startswith(("{", "<")):
+        return F.pack_text(F.CONFIG_TEXT, text)
+    path = Path(text)
+    if path.suffix.lower() in (".json", ".xml") and path.is_file():
+        return F.pack_text(F.CONFIG_TEXT, path.read_text())
+    if not text.strip():
+        raise InputError("--config is empty: give a config name (e.g. vne)")
+    if len(text.encode()) > 1024:
+        raise InputError("--config name is too long for a CONFIG_FILE message (1024 bytes)")
+    return F.pack_config_file(text.strip())
+
+
+def mrd_messages(header_xml: str, images: list, *, config: str | None = None, params: dict | None = None) -> list[bytes]:
+    """The whole MRD session a client sends: CONFIG, HEADER, [TEXT parameters], IMAGEs, CLOSE."""
+    import json
+
+    from .. import framing as F
+
+    out = [mrd_config_message(config), F.pack_text(F.HEADER, header_xml)]
+    if params:
+        name = MRD_DEFAULT_CONFIG if config is None else (None if config.lstrip().startswith(("{", "<")) else config.strip())
+        body = dict(params)
+        if name and "config" not in body:
+            body["config"] = name  # python-ismrmrd-server: parameters.config overrides the CONFIG_FILE name
+        out.append(F.pack_text(F.TEXT, json.dumps({"version": "1.1.0", "parameters": body})))
+    out += [F.pack_image(im) for im in images]
+    out.append(F.pack_close())
+    return out
+
+
+def _connect(host: str, port: int, connect_timeout: float, what: str) -> socket.socket:
+    where = f"{host}:{port}"
+    try:
+        return socket.create_connection((host, port), timeout=connect_timeout)
+    except socket.timeout:
+        raise InputError(f"cannot connect to {where}: timed out after {connect_timeout:g} s") from None
+    except OSError as exc:
+        raise InputError(f"cannot connect to {where}: {exc.strerror or exc} (is {what} running?)") from None
+
+
+def exchange_mrd(host: str, port: int, header_xml: str, images: list, *, config: str | None = None,
+                 params: dict | None = None, connect_timeout: float = 5.0, timeout: float = 120.0,
+                 limits=None) -> MRDReply:
+    """Play an MRD client: send the session from a second thread (the server answers each
+    message as it arrives, so the client must read while it sends) and frame every reply with
+    :func:`vne.framing.read_frame` until the server's CLOSE.
+
+    Raises:
+        InputError: unreachable server, no traffic for ``timeout`` s, a reply that cannot be
+            framed, or a connection that ends without CLOSE.
+    """
+    from .. import framing as F
+
+    messages = mrd_messages(header_xml, images, config=config, params=params)
+    where = f"{host}:{port}"
+    sock = _connect(host, port, connect_timeout, "`vne serve --protocol mrd` or another MRD server")
+    return exchange_mrd_on(sock, messages, timeout=timeout, limits=limits or F.DEFAULT_LIMITS, where=where)
+
+
+def exchange_mrd_on(sock: socket.socket, messages: list[bytes], *, timeout: float = 120.0, limits=None,
+                    where: str = "peer") -> MRDReply:
+    """:func:`exchange_mrd` on a connected socket (closed at the end) with prepared messages."""
+    from .. import framing as F
+
+    sock.settimeout(timeout)
+    send_error: list[BaseException] = []
+
+    def sender() -> None:
+        try:
+            for m in messages:
+                sock.sendall(m)
+        except BaseException as exc:
+            send_error.append(exc)
+
+    t = threading.Thread(target=sender, name="vne-stream-mrd-send", daemon=True)
+    t.start()
+    reply = MRDReply()
+    try:
+        while True:
+            frame = F.read_frame(sock, limits or F.DEFAULT_LIMITS)
+            if frame is None:
+                raise InputError(f"connection to {where} closed without CLOSE after {len(reply.frames)} messages")
+            if frame.msg_id == F.CLOSE:
+                reply.got_close = True
+                break
+            reply.frames.append(frame)
+    except F.FramingError as exc:
+        raise InputError(f"reply from {where} cannot be read after {len(reply.frames)} messages: {exc}") from None
+    except socket.timeout:
+        raise InputError(f"no reply from {where} for {timeout:g} s (received {len(reply.frames)} messages)") from None
+    except OSError as exc:
+        raise InputError(f"connection to {where} lost after {len(reply.frames)} messages: {exc.strerror or exc}") from None
+    finally:
+        t.join(timeout=5)
+        try:
+            sock.close()
+        except OSError:
+            pass
+    if send_error and not isinstance(send_error[0], (BrokenPipeError, ConnectionResetError)):
+        raise InputError(f"sending to {where} failed: {send_error[0]}")
+    return reply
+
+
+def run_mrd(args) -> int:
+    """``vne stream --protocol mrd``: send the file, print the server's TEXT messages, write the images."""
+    import ismrmrd
+
+    from .. import framing as F
+    from ..mrd_io import read_mrd_file, write_mrd_file
+
+    t0 = time.perf_counter()
+    params = parse_params(getattr(args, "param", []))
+    header, images = read_mrd_file(args.file, group=getattr(args, "group", None))
+    reply = exchange_mrd(args.host, args.port, header, images, config=args.config, params=params,
+                         connect_timeout=args.connect_timeout, timeout=args.timeout)
+    out_images, not_written = [], []
+    for frame in reply.of(F.IMAGE):
+        try:
+            im = F.decode_image(frame)
+        except ValueError as exc:
+            not_written.append(f"{frame.describe()} ({exc})")
+            continue
+        if isinstance(im, ismrmrd.Image):
+            out_images.append(im)
+        else:  # 4-byte DATATYPE_INT: ismrmrd for Python cannot store it
+            not_written.append(f"{frame.describe()} (int32 data, which ismrmrd for Python cannot write)")
+    for text in reply.texts:
+        print(f"vne stream: server: {text}")
+    write_mrd_file(args.out, header, out_images)
+    sent_series = {im.image_series_index for im in images}
+    n_back = sum(im.image_series_index in sent_series for im in out_images)
+    new = sorted({im.image_series_index for im in out_images} - sent_series)
+    others = len(reply.of(F.ACQUISITION)) + len(reply.of(F.WAVEFORM))
+    extra = f", {len(reply.texts)} text message(s)"
+    if others:
+        extra += f", {others} acquisition/waveform message(s) not written"
+    for what in not_written:
+        print(f"vne stream: warning: {what} not written to {args.out}", file=sys.stderr)
+    print(f"vne stream: sent {len(images)} images to {args.host}:{args.port} (MRD), received {len(out_images)} "
+          f"({len(out_images) - n_back} in new series {', '.join(map(str, new)) or '-'}{extra}) -> {args.out} in "
+          f"{time.perf_counter() - t0:.1f} s")
     return 0
