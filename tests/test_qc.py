@@ -221,3 +221,18 @@ def test_pipeline_marks_instead_of_withholding_when_asked(caplog):
         assert r.description.endswith("_QCFAIL") and "QC FAIL" in r.meta["ImageComments"]
     vne_out = out[len(shuffled):]
     assert len(vne_out) == n_slices
+
+
+def test_training_leaves_out_what_the_guard_would_refuse(tmp_path):
+    """One set of input thresholds: the simulator's cache writer records the runtime guard's
+    verdict per slice, and training's entry filter drops the refused ones."""
+    from training.dataset import usable_entries
+    from vne.simulate.writers import write_case_cache
+
+    entries = write_case_cache(simulate_case(4, 0), tmp_path / "cache", CONTRACT)
+    assert entries and all(e["qc_passed"] is True and e["qc_reason"] == "" for e in entries)
+    entries[0] = {**entries[0], "qc_passed": False, "qc_reason": "cine frames are not in cardiac order"}
+    kept, left = usable_entries(entries)
+    assert left == [entries[0]] and kept == entries[1:]
+    assert usable_entries(entries, skip_qc_failures=False) == (entries, [])
+    assert usable_entries([{"slice_id": "old"}]) == ([{"slice_id": "old"}], [])  # older caches: kept

@@ -73,6 +73,17 @@ def split_patients(patient_ids: Iterable[str], fractions: Sequence[float] = (0.8
     }
 
 
+def usable_entries(entries: list[dict], skip_qc_failures: bool = True) -> tuple[list[dict], list[dict]]:
+    """(kept, left out): with ``skip_qc_failures``, entries the runtime quality guard would
+    refuse (``qc_passed`` false, written by the cache writers with :func:`vne.qc.check_inputs`)
+    are left out, so training and serving share one set of input thresholds. Entries without
+    the field (older caches, real DICOM) are kept."""
+    if not skip_qc_failures:
+        return list(entries), []
+    return ([e for e in entries if e.get("qc_passed") is not False],
+            [e for e in entries if e.get("qc_passed") is False])
+
+
 def split_entries(entries: list[dict], fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0) -> dict[str, list[dict]]:
     """Cache index entries grouped by :func:`split_patients` (entry order kept)."""
     patients = split_patients((e["patient_id"] for e in entries), fractions, seed)

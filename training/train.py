@@ -48,7 +48,7 @@ from vne.training_cache import read_index
 
 from . import CONFIG_DIR
 from .augment import augment_batch
-from .dataset import VNEDataset, data_summary, split_entries
+from .dataset import VNEDataset, data_summary, split_entries, usable_entries
 from .losses import GeneratorObjective, d_loss, heart_weight_map, ssim, weighted_l1
 from .networks import (
     DiscriminatorConfig,
@@ -83,6 +83,7 @@ DEFAULT_CONFIG: dict = {
         "percentiles": [50, 90], # no-mask target normalisation (training.dataset)
         "num_workers": 0,
         "in_memory": False,      # keep decoded slices in RAM (small caches; with num_workers 0)
+        "skip_qc_failures": True,  # leave out slices the runtime guard would refuse (entry qc_passed false)
         "val_max_slices": 16,    # validation on the first N val slices, whole window
         "val_batch_size": 4,
     },
@@ -439,7 +440,11 @@ def train(config: dict, resume: bool = False) -> dict:
 
     # ---- data
     index = read_index(cache_dir)
-    splits = split_entries(index["entries"], dcfg["split"], int(dcfg["split_seed"]))
+    entries, refused = usable_entries(index["entries"], bool(dcfg.get("skip_qc_failures", True)))
+    if refused and rt.main:
+        log.info("%d slices the quality guard would refuse are left out (data.skip_qc_failures): %s",
+                 len(refused), "; ".join(sorted({e.get("qc_reason", "")[:60] for e in refused}))[:400])
+    splits = split_entries(entries, dcfg["split"], int(dcfg["split_seed"]))
     if not splits["train"]:
         raise InputError(f"{cache_dir}: no training slices after the patient split")
     summary_data = data_summary(cache_dir, index, splits, dcfg["target"])

@@ -12,6 +12,7 @@ from .. import mrd_io
 from ..contract import ModelContract, model_inputs
 from ..exam import MRImage, Role
 from ..geometry import crop_geometry
+from ..qc import check_inputs
 from ..slices import assemble, on_t1_grid
 from ..training_cache import heart_crop_window, write_slice
 from .case import SIMULATOR_VERSION, SimulatedCase
@@ -143,6 +144,10 @@ def write_case_cache(case: SimulatedCase, directory, contract: ModelContract, cr
         grid = on_t1_grid(s)
         x = model_inputs(contract, grid.t1_map_ms, grid.ir_signed, grid.ir_ti_ms, grid.cine_frames,
                          grid.cine_trigger_ms, grid.rr_interval_ms)
+        # the runtime guard's input checks, one definition for training and serving: a slice the
+        # gadget would refuse is marked, and training leaves it out (data.skip_qc_failures)
+        verdict, _ = check_inputs(x["t1_map_ms"][0, 0], x["cine"][0], x["ir"][0], x["ir_ti_ms"][0],
+                                  pixel_mm=float(np.mean(g_crop.pixel_spacing_mm)), field_t=case.field_t)
         slice_id = f"{case.case_id}_s{truth.slice_index}"
         write_slice(directory, slice_id, {
             "cine": x["cine"][0], "ir": x["ir"][0], "ir_ti_ms": x["ir_ti_ms"][0], "t1_map_ms": x["t1_map_ms"][0, 0],
@@ -160,5 +165,6 @@ def write_case_cache(case: SimulatedCase, directory, contract: ModelContract, cr
             "phenotype": case.phenotype, "scheme": case.scheme, "lge_artefacts": truth.lge_artefacts,
             "source": f"vne-simulator {SIMULATOR_VERSION}", "family": case.family,
             "heart_rate_bpm": round(case.heart_rate_bpm, 1), "n_cine_acquired": len(grid.cine_frames),
+            "qc_passed": bool(verdict.passed), "qc_reason": verdict.reason,
         })
     return entries
