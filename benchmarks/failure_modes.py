@@ -62,8 +62,8 @@ def _slices(images, truth):
 
 
 def _norm_blood(vne, tr) -> float:
-    r, b = vne[tr.remote].mean(), vne[tr.blood_pool].mean()
-    return float(b)  # the model's own units: remote ~0, blood ~1
+    """Mean VNE in the true LV blood pool, in the model's own units (remote ~0, blood ~1)."""
+    return float(vne[tr.blood_pool].mean())
 
 
 def simulate_at(seed: int, index: int, hr: float | None = None, kappa: float | None = None):

@@ -177,16 +177,10 @@ def server():
     # qc off: the model is random, its output would not pass the quality guard (vne.qc); the data path is tested
     defaults = PipelineConfig(model=str(model_path), cache_dir="none", qc="off")
     model = load_model(str(model_path))
-    srv = bind("127.0.0.1", 0)
-    port = srv.getsockname()[1]
     opts = mrd_server.ServerOptions(limits=FrameLimits(max_text=1 << 20, max_attributes=1 << 20, max_data=64 << 20),
                                     read_timeout_s=60.0, max_active=4, linger_s=1.0)
-    stop = threading.Event()
-    t = threading.Thread(target=mrd_server.serve, args=(srv, defaults, model, opts), kwargs={"stop": stop}, daemon=True)
-    t.start()
-    yield port
-    stop.set()
-    t.join(30)
+    with H.mrd_server_thread(defaults, model, opts) as port:
+        yield port
 
 
 def _slice0(images):

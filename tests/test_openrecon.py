@@ -372,19 +372,12 @@ def test_process_survives_a_connection_that_fails_mid_stream(stream, model, defa
 def mrd_port(model):
     """The real MRD server in a thread on 127.0.0.1:<ephemeral>, tiny model, no study cache."""
     from vne import mrd_server
-    from vne.commands.serve import bind
     from vne.pipeline import PipelineConfig
 
     defaults = PipelineConfig(model=str(H.tiny_model()), cache_dir="none")
-    srv = bind("127.0.0.1", 0)
-    port = srv.getsockname()[1]
     opts = mrd_server.ServerOptions(read_timeout_s=60.0, max_active=4, linger_s=1.0)
-    stop = threading.Event()
-    t = threading.Thread(target=mrd_server.serve, args=(srv, defaults, model, opts), kwargs={"stop": stop}, daemon=True)
-    t.start()
-    yield port
-    stop.set()
-    t.join(30)
+    with H.mrd_server_thread(defaults, model, opts) as port:
+        yield port
 
 
 def _read_back(path: Path) -> list:

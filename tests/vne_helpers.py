@@ -14,6 +14,7 @@ module asks first:
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from html import escape
 import importlib
@@ -293,3 +294,22 @@ def geometry_fields(img) -> tuple:
     return (tuple(np.round(img.position, 4)), tuple(np.round(img.read_dir, 5)), tuple(np.round(img.phase_dir, 5)),
             tuple(np.round(img.slice_dir, 5)), tuple(np.round(img.field_of_view, 4)), tuple(img.matrix_size),
             int(img.slice))
+
+
+@contextlib.contextmanager
+def mrd_server_thread(defaults, model, options):
+    """``vne.mrd_server.serve`` on 127.0.0.1 (ephemeral port) in a thread; yields the port and
+    stops the server (waiting for its connections) on exit."""
+    from vne import mrd_server
+    from vne.commands.serve import bind
+
+    srv = bind("127.0.0.1", 0)
+    port = srv.getsockname()[1]
+    stop = threading.Event()
+    t = threading.Thread(target=mrd_server.serve, args=(srv, defaults, model, options), kwargs={"stop": stop}, daemon=True)
+    t.start()
+    try:
+        yield port
+    finally:
+        stop.set()
+        t.join(30)

@@ -33,11 +33,16 @@ them (it decodes ``DATATYPE_INT`` as int64: see :class:`vne.pipeline.RawImage`).
 from __future__ import annotations
 
 import ctypes
+import logging
+import socket
 import struct
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
 import ismrmrd
+
+log = logging.getLogger(__name__)
 
 CONFIG_FILE = 1
 CONFIG_TEXT = 2
@@ -333,3 +338,40 @@ def pack_image(image) -> bytes:
 def pack_item(msg_id: int, item) -> bytes:
     """An ``ismrmrd`` Acquisition / Waveform / Image as a message."""
     return _ID.pack(msg_id) + item.to_bytes()
+
+
+# ---------------------------------------------------------------------------- listening
+ACCEPT_RETRY_MAX_S = 5.0
+
+
+class ListenerClosed(Exception):
+    """The listening socket was closed: the server is shutting down."""
+
+
+def accept_once(srv: socket.socket, stop: threading.Event, failures: int) -> tuple[socket.socket | None, Any, int]:
+    """One ``accept()`` on a listening socket that has a timeout, for both servers
+    (``vne serve`` on the Gadgetron protocol and on MRD).
+
+    Returns:
+        (connection, peer, consecutive failures): connection None after a timeout or a failed
+        accept. A failure is logged and waited out with exponential back-off (0.1 s doubling to
+        :data:`ACCEPT_RETRY_MAX_S`, interrupted by ``stop``); the server keeps listening.
+
+    Raises:
+        ListenerClosed: the listening socket was closed (logged).
+    """
+    try:
+        conn, peer = srv.accept()
+    except socket.timeout:
+        return None, None, failures
+    except OSError as exc:
+        if srv.fileno() < 0:
+            log.error("the listening socket was closed (%s); no longer serving", exc)
+            raise ListenerClosed(str(exc)) from None
+        failures += 1
+        delay = min(ACCEPT_RETRY_MAX_S, 0.05 * 2 ** min(failures, 7))
+        log.error("accept() failed (%s); still listening, retrying in %.1f s (failure %d in a row)",
+                  exc, delay, failures)
+        stop.wait(delay)
+        return None, None, failures
+    return conn, peer, 0

@@ -462,7 +462,7 @@ def serve(srv: socket.socket, defaults=None, model=None, options: ServerOptions 
     slots = threading.BoundedSemaphore(max(1, int(options.max_active)))
     srv.settimeout(0.5)
     workers: list[threading.Thread] = []
-    n = 0
+    n = failures = 0
 
     def run_one(conn, peer):
         try:
@@ -473,14 +473,10 @@ def serve(srv: socket.socket, defaults=None, model=None, options: ServerOptions 
     try:
         while not stop.is_set():
             try:
-                conn, peer = srv.accept()
-            except socket.timeout:
-                continue
-            except OSError as exc:
-                if stop is not None and stop.is_set():
-                    break
-                log.error("MRD server: accept() failed (%s); retrying in 0.5 s", exc)
-                time.sleep(0.5)
+                conn, peer, failures = F.accept_once(srv, stop, failures)
+            except F.ListenerClosed:
+                break
+            if conn is None:
                 continue
             n += 1
             if slots.acquire(blocking=False):

@@ -299,7 +299,7 @@ def _corr(a: np.ndarray, b: np.ndarray) -> float:
     return float((a * b).sum() / den) if den > 0 else float("nan")
 
 
-def ir_t1_correlation(ir: np.ndarray, ti_ms: np.ndarray, t1_map_ms: np.ndarray, mask: np.ndarray) -> float:
+def ir_t1_correlation(ir: np.ndarray, t1_map_ms: np.ndarray, mask: np.ndarray) -> float:
     """Do the IR images show the same anatomy as the T1 map? The correlation, inside ``mask``,
     between the edge strength (gradient magnitude after a 1-pixel Gaussian) of the T1 map and
     that of the IR images (the mean over TIs of each image's normalised edge strength).
@@ -310,7 +310,7 @@ def ir_t1_correlation(ir: np.ndarray, ti_ms: np.ndarray, t1_map_ms: np.ndarray, 
     a slice's own images.
 
     Args:
-        ir: (n, H, W) IR images (any sign); ti_ms: (n,) (unused, kept for the call signature).
+        ir: (n, H, W) IR images (any sign).
     """
     m = np.asarray(mask, bool)
     if m.sum() < 16:
@@ -396,7 +396,7 @@ def check_inputs(
     c.within("cine_reg", _corr(cine.mean(axis=0)[around], t1[around]), limits.min_cine_t1_correlation, np.inf,
              "the cine does not line up with the T1 map (blood/myocardium correlation {value:.2f}): misregistered cine?")
     ti = np.asarray(ir_ti_ms, float)
-    c.within("ir_match", ir_t1_correlation(np.asarray(ir), ti, t1, around), limits.min_ir_t1_correlation, np.inf,
+    c.within("ir_match", ir_t1_correlation(np.asarray(ir), t1, around), limits.min_ir_t1_correlation, np.inf,
              "the IR images do not follow the T1 map (correlation {value:.2f}): IR from another slice or time?")
     if ti_range_ms is not None and ti.size:
         c.measures["ir_ti_max_ms"] = float(ti.max())

@@ -34,6 +34,7 @@ import threading
 import time
 
 from .. import mrd_server
+from ..framing import ListenerClosed, accept_once
 from ..exam import InputError
 
 NAME = "serve"
@@ -44,7 +45,6 @@ MRD_DEFAULT_PORT = 9002
 DEFAULT_READ_TIMEOUT_S = 600.0      # gadgetron: generous, a scanner may pause between series
 MRD_DEFAULT_READ_TIMEOUT_S = 300.0
 DEFAULT_MAX_ACTIVE = 16
-_ACCEPT_RETRY_MAX_S = 5.0
 
 log = logging.getLogger("vne.serve")
 
@@ -199,22 +199,13 @@ def serve(srv: socket.socket, defaults, model, *, max_connections: int = 0, stop
                 continue
             saturated = False
             try:
-                conn, peer = srv.accept()
-            except socket.timeout:
+                conn, peer, failures = accept_once(srv, stop, failures)
+            except ListenerClosed:
+                slots.release()
+                break
+            if conn is None:
                 slots.release()
                 continue
-            except OSError as exc:
-                slots.release()
-                if srv.fileno() < 0:
-                    log.error("the listening socket was closed (%s); no longer serving", exc)
-                    break
-                failures += 1
-                delay = min(_ACCEPT_RETRY_MAX_S, 0.05 * 2 ** min(failures, 7))
-                log.error("accept() failed (%s); still listening, retrying in %.1f s (failure %d in a row)",
-                          exc, delay, failures)
-                stop.wait(delay)
-                continue
-            failures = 0
             n += 1
             log.info("connection %d from %s", n, peer)
             t = threading.Thread(target=run_one, args=(conn, peer), name=f"vne-conn-{n}", daemon=True)
