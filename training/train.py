@@ -92,6 +92,7 @@ DEFAULT_CONFIG: dict = {
         "adversarial": "lsgan",  # lsgan | hinge
         "w_adv": 1.0,
         "w_l1": 10.0,
+        "w_grad": 10.0,          # L1 on finite differences (sharp blood/myocardium borders)
         "w_ssim": 1.0,
         "w_perc": 10.0,
         "perceptual": "fm",      # fm (discriminator feature matching) | vgg | none
@@ -117,7 +118,7 @@ DEFAULT_CONFIG: dict = {
     },
 }
 
-TRAIN_COLUMNS = ["step", "epoch", "elapsed_s", "s_per_step", "lr_g", "lr_d", "d_loss", "g_total", "g_l1", "g_ssim", "g_adv", "g_perc"]
+TRAIN_COLUMNS = ["step", "epoch", "elapsed_s", "s_per_step", "lr_g", "lr_d", "d_loss", "g_total", "g_l1", "g_grad", "g_ssim", "g_adv", "g_perc"]
 VAL_COLUMNS = ["step", "val_l1", "val_l1_heart", "val_ssim", "val_crop_gap"]
 
 
@@ -285,7 +286,7 @@ def plot_curves(run_dir: Path) -> Path:
 
     tr, va = _read_csv(run_dir / "train_log.csv"), _read_csv(run_dir / "val_log.csv")
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for k in ("g_l1", "g_ssim", "g_adv", "g_perc", "d_loss"):
+    for k in ("g_l1", "g_grad", "g_ssim", "g_adv", "g_perc", "d_loss"):
         if k in tr and np.isfinite(tr[k]).any():
             axes[0].plot(tr["step"], tr[k], label=k)
     axes[0].set(xlabel="step", ylabel="loss", title="training", yscale="log")
