@@ -12,7 +12,12 @@ per slice:
 * ``vne_blood``, ``vne_remote``: mean VNE in the true blood pool and remote myocardium.
 * ``lesion_centroid``: (row, col) of the VNE's FWHM lesion pixels inside the true myocardium,
   and ``lesion_dice`` against the true lesions.
-* ``pad``: how many rows/columns the model's padding added (the crop-corner check needs > 0).
+* ``window``: (row, col, height, width) of the T1 grid the model ran on (:mod:`vne.roi`); the
+  cine figures above read the truth masks cropped to it;
+* ``full_grid_gap``: mean |VNE on the window - VNE of the model run on the whole, padded T1 grid|
+  inside the true myocardium (:func:`vne.slices.on_t1_grid`, ``model.predict``), and
+  ``full_grid_pad``: how many rows/columns that run's padding added (the crop-corner check needs
+  > 0: a wrong crop of the padded output shifts the full-grid VNE against the window's).
 
 and the exam's FWHM ``burden`` (lesion pixels / myocardium pixels, VNE vs the truth masks).
 
@@ -55,6 +60,18 @@ def _cavity_curve(cine: np.ndarray, blood: np.ndarray, myo: np.ndarray) -> np.nd
     return np.array([(f[region] > thr).sum() for f in cine], float)
 
 
+def _full_grid_inputs(model, r, pipe) -> dict:
+    """The model's inputs of a result's slice on the whole T1 grid (the full-grid path)."""
+    from vne.contract import model_inputs
+    from vne.slices import assemble, on_t1_grid
+
+    s, why = assemble(r.t1, pipe._pool)
+    assert s is not None, why
+    g = on_t1_grid(s)
+    return model_inputs(model.contract, g.t1_map_ms, g.ir_signed, g.ir_ti_ms, g.cine_frames, g.cine_trigger_ms,
+                        g.rr_interval_ms)
+
+
 def measure(model_path: Path, qc: str = "mark") -> dict:
     """The golden measurements (module docstring). ``qc="mark"``: every slice gets a VNE, with
     the guard's verdict recorded (``qc`` per slice), so the spatial checks do not depend on it."""
@@ -88,23 +105,29 @@ def measure(model_path: Path, qc: str = "mark") -> dict:
         truth = case.truth[t1_positions.index(tuple(np.round(r.t1.geometry.position_mm, 2)))]
         blood, myo, remote, lesion = truth.blood_pool, truth.myocardium, truth.remote, truth.lesion
         cine = x["cine"][0]
-        cav = _cavity_curve(cine, blood, myo)
+        cav = _cavity_curve(cine, blood[r.window], myo[r.window])
         v = r.vne
         lo, hi = float(v[remote].mean()), float(v[blood].mean())
         les = myo & (v > lo + 0.5 * (hi - lo))
         les_total += int(les.sum())
         myo_total += int(myo.sum())
         ii, jj = np.nonzero(les)
-        _, shape = pad_to_multiple(x, model.contract.pad_multiple)
+        full = _full_grid_inputs(model, r, pipe)
+        _, shape = pad_to_multiple(full, model.contract.pad_multiple)
         padded = [(-n) % model.contract.pad_multiple for n in shape]
+        gap = float(np.abs(model.predict(full)[0] - v)[myo].mean())
+        rows, cols = r.window
+        mean_cine = cine.mean(axis=0)
         slices.append({
-            "cine_blood_over_myo": float(cine.mean(axis=0)[blood].mean() / cine.mean(axis=0)[myo].mean()),
+            "cine_blood_over_myo": float(mean_cine[blood[r.window]].mean() / mean_cine[myo[r.window]].mean()),
             "systole_at": float(np.argmin(cav) / len(cav)),
             "vne_blood": hi, "vne_remote": lo,
             "lesion_centroid": [float(ii.mean()), float(jj.mean())] if ii.size else None,
             "lesion_dice": float(2 * (les & lesion).sum() / max(les.sum() + lesion.sum(), 1)),
             "true_lesion_px": int(lesion.sum()),
-            "pad": padded,
+            "window": [rows.start, cols.start, rows.stop - rows.start, cols.stop - cols.start],
+            "full_grid_gap": gap,
+            "full_grid_pad": padded,
             "qc": r.qc.verdict if r.qc is not None else "OFF",
             "qc_reason": r.qc.reason if r.qc is not None else "",
         })

@@ -124,10 +124,41 @@ def model_inputs(
         dict of the four graph inputs, float32, batch dimension 1.
     """
     t1 = np.asarray(t1_map_ms, np.float32)
+    cine = np.asarray(cine_frames, np.float32)
+    _check_slice(t1, np.asarray(ir_signed, np.float32), cine)
+    return inputs_from_cycle(contract, t1, ir_signed, ir_ti_ms, cine_cycle(contract, cine, cine_trigger_ms, rr_interval_ms))
+
+
+def cine_cycle(contract: ModelContract, cine_frames: np.ndarray, cine_trigger_ms, rr_interval_ms: float | None) -> np.ndarray:
+    """The cine as the model takes it: (n_cine_frames, H, W), equally spaced over one cycle
+    (:func:`vne.geometry.resample_cycle`; pixel by pixel, so a window of the result is the
+    result of the window)."""
+    return resample_cycle(np.asarray(cine_frames, np.float32), np.asarray(cine_trigger_ms, float),
+                          rr_interval_ms or float("nan"), contract.n_cine_frames)
+
+
+def inputs_from_cycle(contract: ModelContract, t1_map_ms: np.ndarray, ir_signed: np.ndarray, ir_ti_ms,
+                      cine_cycle_frames: np.ndarray) -> dict[str, np.ndarray]:
+    """:func:`model_inputs` from a cine already resampled by :func:`cine_cycle`."""
+    t1 = np.asarray(t1_map_ms, np.float32)
+    ir = np.asarray(ir_signed, np.float32)
+    cine = np.asarray(cine_cycle_frames, np.float32)
+    _check_slice(t1, ir, cine)
+    if cine.shape[0] != contract.n_cine_frames:
+        raise InputError(f"cine cycle has {cine.shape[0]} frames, the model takes {contract.n_cine_frames}")
+    sel = select_ir_order(ir_ti_ms, contract.n_ir_images, contract.nominal_ti_ms)
+    ti = np.asarray(ir_ti_ms, np.float32)[sel]
+    return {
+        "cine": cine[None],
+        "ir": ir[sel][None],
+        "ir_ti_ms": ti[None],
+        "t1_map_ms": t1[None, None],
+    }
+
+
+def _check_slice(t1: np.ndarray, ir: np.ndarray, cine: np.ndarray) -> None:
     if t1.ndim != 2:
         raise InputError(f"T1 map must be 2D, got shape {t1.shape}")
-    ir = np.asarray(ir_signed, np.float32)
-    cine = np.asarray(cine_frames, np.float32)
     if ir.ndim != 3 or ir.shape[1:] != t1.shape:
         raise InputError(f"IR images {ir.shape} are not on the T1 grid {t1.shape}")
     if cine.ndim != 3 or cine.shape[1:] != t1.shape:
@@ -135,15 +166,6 @@ def model_inputs(
     for name, arr in (("T1 map", t1), ("IR images", ir), ("cine frames", cine)):
         if not np.all(np.isfinite(arr)):
             raise InputError(f"{name} contain NaN or inf")
-    sel = select_ir_order(ir_ti_ms, contract.n_ir_images, contract.nominal_ti_ms)
-    ti = np.asarray(ir_ti_ms, np.float32)[sel]
-    cine_n = resample_cycle(cine, np.asarray(cine_trigger_ms, float), rr_interval_ms or float("nan"), contract.n_cine_frames)
-    return {
-        "cine": cine_n[None],
-        "ir": ir[sel][None],
-        "ir_ti_ms": ti[None],
-        "t1_map_ms": t1[None, None],
-    }
 
 
 def pad_to_multiple(inputs: dict[str, np.ndarray], multiple: int) -> tuple[dict[str, np.ndarray], tuple[int, int]]:

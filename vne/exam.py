@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -58,11 +59,17 @@ class Geometry:
     shape: tuple[int, int]
     slice_thickness_mm: float = 8.0
 
-    @property
+    @cached_property
     def slice_dir(self) -> np.ndarray:
-        """(3,) plane normal, read x phase (right-handed, as ISMRMRD ``slice_dir``)."""
-        n = np.cross(np.asarray(self.read_dir, float), np.asarray(self.phase_dir, float))
-        return n / max(np.linalg.norm(n), 1e-12)
+        """(3,) plane normal, read x phase (right-handed, as ISMRMRD ``slice_dir``).
+
+        Computed once per geometry (matching compares every image's plane with every slice's)
+        and read-only, since the cached array is shared."""
+        r, p = self.read_dir, self.phase_dir
+        n = np.array([r[1] * p[2] - r[2] * p[1], r[2] * p[0] - r[0] * p[2], r[0] * p[1] - r[1] * p[0]], float)
+        n = n / max(float(np.sqrt(n @ n)), 1e-12)
+        n.setflags(write=False)
+        return n
 
     @property
     def fov_mm(self) -> tuple[float, float]:

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field, fields, replace
@@ -50,12 +51,11 @@ from typing import Any, Iterable, Iterator
 import ismrmrd
 import numpy as np
 
-from . import mrd_io
-from .contract import model_inputs
+from . import inference, mrd_io, roi
 from .exam import InputError, MRImage, Role
 from .qc import DEFAULT_QC_ACTION, QC_ACTIONS, QCResult, check_inputs, check_output
 from .roles import DEFAULT_RULES, RoleRules, meta_values
-from .slices import assemble, group_by_plane, on_t1_grid, slice_key
+from .slices import assemble, group_by_plane, slice_key
 from .study_cache import DEFAULT_MAX_AGE_HOURS, DEFAULT_MAX_MB, StudyCache, default_cache_dir
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,8 @@ PIXEL_TYPES = {"float32": np.float32, "uint16": np.uint16}
 DEFAULT_SERIES_OFFSET = 1000
 DEFAULT_UINT16_OFFSET = 1000.0
 REJECTED_DTYPES = (np.int32, np.int64)
+# How long finish() waits for a slice that a worker has started, beyond the pool's queue wait.
+JOB_RUN_LIMIT_S = 120.0
 # Plausible median of a native cardiac T1 map's tissue pixels (ms): myocardium ~950-1300,
 # blood 1500-2000, fat/liver lower. Combined with the contract's t1_valid_range_ms.
 T1_MEDIAN_PLAUSIBLE_MS = (400.0, 2500.0)
@@ -246,6 +248,8 @@ class VNEResult:
     cine_source: str
     seconds: float
     qc: QCResult | None = None
+    window: tuple | None = None     # (rows, cols) of the T1 grid the model ran on (vne.roi)
+    timings: dict = field(default_factory=dict)   # ms per step (vne.inference), match .. output
 
 
 @dataclass
@@ -309,12 +313,21 @@ class VNEPipeline:
         header: the stream's ISMRMRD header (parsed, XML text, or None).
         model: an already loaded :class:`vne.model.VNEModel` (else loaded from ``config.model``,
             once per process).
+        workers: a :class:`vne.workers.SliceWorkers` pool: each complete slice becomes a job
+            there, and the stream goes on at once (``vne serve``, the gadget). None: each slice
+            runs inline as soon as it is complete (``vne infer``, evaluation, tests).
+        emit: with ``workers``, where a worker sends a finished VNE image (the connection's
+            locked ``send``); without it, finished images follow the next item out of
+            :meth:`feed_iter`, or :meth:`finish`.
+        load_async: load the model in a background thread while the first images arrive
+            (execute mode's cold start); the first slice that needs it waits for it.
 
     Never raises: a bad configuration or model is reported once (:attr:`disabled_reason`)
     and the pipeline passes everything through.
     """
 
-    def __init__(self, config: PipelineConfig | None = None, header=None, *, model=None) -> None:
+    def __init__(self, config: PipelineConfig | None = None, header=None, *, model=None, workers=None,
+                 emit=None, load_async: bool = False) -> None:
         self.config = config or PipelineConfig()
         self.problems: list[str] = []
         self.results: list[VNEResult] = []
@@ -334,6 +347,13 @@ class VNEPipeline:
         self._cache_images: list[MRImage] | None = None
         self.cache_thread = None  # the background study-cache write started by finish()
         self._finished = False
+        self.workers = workers
+        self._emit = emit
+        self._lock = threading.RLock()              # results, series numbering, jobs (workers)
+        self._jobs_done = threading.Condition(self._lock)
+        self._jobs_open = 0
+        self._outbox: list = []                     # finished VNE images not yet handed out
+        self._loader: threading.Thread | None = None
         try:
             self.rules = DEFAULT_RULES.with_overrides(self.config.role_overrides) if self.config.role_overrides else DEFAULT_RULES
         except InputError as exc:
@@ -343,20 +363,35 @@ class VNEPipeline:
         self.cache = self._open_cache()
         self.model = model
         if self.model is None and self.config.enabled and self.disabled_reason is None:
-            from .model import load_model
-
-            try:
-                self.model = load_model(self.config.model or None, intra_op_threads=self.config.intra_op_threads,
-                                        prefer_gpu=self.config.prefer_gpu, batch_size=self.config.batch_size)
-            except InputError as exc:
-                self._disable(str(exc))
-            except Exception as exc:  # an ORT/driver failure must not stop pass-through
-                self._disable(f"model could not be loaded ({exc.__class__.__name__}: {exc})")
+            if load_async:
+                self._loader = threading.Thread(target=self._load_model, name="vne-model-load", daemon=True)
+                self._loader.start()
+            else:
+                self._load_model()
         if not self.config.enabled and self.disabled_reason is None:
             self.disabled_reason = "disabled by the 'enabled' property"
             log.info("VNE disabled by configuration: passing images through (study cache still filled)")
 
     # ------------------------------------------------------------------ setup
+    def _load_model(self) -> None:
+        from .model import load_model
+
+        try:
+            self.model = load_model(self.config.model or None, intra_op_threads=self.config.intra_op_threads,
+                                    prefer_gpu=self.config.prefer_gpu, batch_size=self.config.batch_size)
+        except InputError as exc:
+            self._disable(str(exc))
+        except Exception as exc:  # an ORT/driver failure must not stop pass-through
+            self._disable(f"model could not be loaded ({exc.__class__.__name__}: {exc})")
+
+    def _ready_model(self):
+        """The model, once its background load (``load_async``) is done; None if unusable."""
+        loader = self._loader
+        if loader is not None:
+            loader.join()
+            self._loader = None
+        return self.model
+
     def _disable(self, reason: str) -> None:
         self.disabled_reason = reason
         self.problems.append(f"VNE disabled: {reason}")
@@ -416,6 +451,7 @@ class VNEPipeline:
             self.problems.append(f"internal error: {exc.__class__.__name__}: {exc}")
             outs = []
         yield from outs
+        yield from self._drain()
 
     def finish(self, *, dropped: bool = False) -> list:
         """End of stream: run VNE for slices still pending, fill the study cache, log a summary.
@@ -436,6 +472,8 @@ class VNEPipeline:
                               f"complete so far only")
             results = self._run_pending(final=True)
             outs = [self._encode(r) for r in results]
+            self._wait_for_jobs()
+            outs += self._drain()
             self._report_end()
             self._store_cache()
         except Exception as exc:
@@ -524,7 +562,8 @@ class VNEPipeline:
             self._reject(im.series, f"{im.role.value} image: {exc}", tag)
             return
         if im.role == Role.T1_MAP:
-            why = t1_units_problem(im.pixels, self.model.contract.t1_valid_range_ms if self.model else (100.0, 4000.0))
+            model = self._ready_model()
+            why = t1_units_problem(im.pixels, model.contract.t1_valid_range_ms if model else (100.0, 4000.0))
             if why:
                 self._t1_unusable.append(why)
                 self._problem(f"{tag}: {why}: no VNE for {slice_key(im.geometry)}")
@@ -566,7 +605,11 @@ class VNEPipeline:
         return True, ""
 
     def _run_pending(self, final: bool) -> list[VNEResult]:
-        if self.disabled_reason or self.model is None:
+        """Start VNE for every pending T1 map whose slice is complete, each on its own: inline
+        (returned) without a worker pool, else as a job of :attr:`workers` (delivered by
+        :meth:`_deliver`). ``final``: the stream has ended, report what stays incomplete."""
+        model = self._ready_model()
+        if self.disabled_reason or model is None:
             if final and self._pending:
                 self._problem(f"{len(self._pending)} T1 map(s) without VNE: {self.disabled_reason or 'no model'}")
                 self._pending = []
@@ -574,6 +617,7 @@ class VNEPipeline:
         ready = []
         still = []
         for p in self._pending:
+            t0 = time.perf_counter()
             s, why = assemble(p.t1, self._pool)
             cine_source = "stream"
             if s is None:
@@ -600,51 +644,123 @@ class VNEPipeline:
                     log.debug("VNE: %s", why)
                     still.append(p)
                 continue
-            try:
-                grid = on_t1_grid(s)
-                x = model_inputs(self.model.contract, grid.t1_map_ms, grid.ir_signed, grid.ir_ti_ms, grid.cine_frames,
-                                 grid.cine_trigger_ms, grid.rr_interval_ms)
-            except InputError as exc:
-                msg = str(exc)
-                self._problem(f"no VNE for {msg if msg.startswith(s.key) else s.key + ': ' + msg}")
-                continue
-            except Exception as exc:  # a bug below must cost this slice only
-                log.exception("VNE: internal error preparing %s", s.key)
-                self._problem(f"no VNE for {s.key}: internal error ({exc.__class__.__name__}: {exc})")
-                continue
-            verdict = self._check_inputs(s.key, grid, x)
-            if verdict is False:
-                continue
-            ready.append((p, s, x, cine_source, verdict))
+            ready.append((p, s, cine_source, 1000.0 * (time.perf_counter() - t0)))
         self._pending = still
-        if not ready:
-            return []
-        try:
-            ys = self.model.predict_many([r[2] for r in ready])
-        except InputError as exc:
-            for p, s, *_ in ready:
-                self._problem(f"no VNE for {s.key}: model run failed: {exc}")
-            return []
-        except Exception as exc:
-            for p, s, *_ in ready:
-                self._problem(f"no VNE for {s.key}: model run failed ({exc.__class__.__name__}: {exc})")
-            return []
         out = []
-        for (p, s, _, cine_source, verdict), y in zip(ready, ys):
-            qc = None
-            if verdict is not None:
-                try:
-                    qc = verdict[0] + check_output(y, verdict[1])
-                except Exception as exc:  # the guard must not be the thing that breaks the chain
-                    log.exception("VNE: quality guard failed on %s", s.key)
-                    qc = verdict[0] + QCResult(False, f"quality guard error ({exc.__class__.__name__}: {exc})", 0.0)
-                if not qc.passed and self.config.qc == "withhold":
-                    self._problem(f"no VNE for {s.key}: quality guard: {qc.reason} (qc=withhold)")
-                    continue
-                if not qc.passed:
-                    self._problem(f"{s.key}: quality guard failed: {qc.reason}; VNE sent marked VNE_QC=FAIL (qc=mark)")
-            out.append(self._result(p, s, y, cine_source, qc))
+        for p, s, cine_source, match_ms in ready:
+            if self.workers is None:
+                r = self._slice_vne(model, p, s, cine_source, match_ms)
+                if r is not None:
+                    out.append(r)
+            else:
+                self._submit(model, p, s, cine_source, match_ms)
         return out
+
+    # ------------------------------------------------------------------ jobs (worker pool)
+    def _submit(self, model, p: _Pending, s, cine_source: str, match_ms: float) -> None:
+        with self._lock:
+            self._jobs_open += 1
+
+        def run() -> None:
+            try:
+                r = self._slice_vne(model, p, s, cine_source, match_ms)
+                if r is not None:
+                    self._deliver(self._encode(r))
+            except Exception as exc:  # _slice_vne reports its own; this is encoding or delivery
+                log.exception("VNE: internal error finishing %s", s.key)
+                self.problems.append(f"internal error: {exc.__class__.__name__}: {exc}")
+            finally:
+                self._job_closed()
+
+        def skip(reason: str) -> None:
+            try:
+                self._problem(f"no VNE for {s.key}: {reason}; every image passed through")
+            finally:
+                self._job_closed()
+
+        self.workers.submit(run, skip)
+
+    def _job_closed(self) -> None:
+        with self._lock:
+            self._jobs_open -= 1
+            self._jobs_done.notify_all()
+
+    def _deliver(self, image) -> None:
+        if self._emit is None:
+            with self._lock:
+                self._outbox.append(image)
+            return
+        try:
+            self._emit(image)
+        except Exception as exc:  # the connection is gone: the stream's own thread reports it
+            log.error("VNE: could not send VNE image %d of series %d (%s: %s)", image.image_index,
+                      image.image_series_index, exc.__class__.__name__, exc)
+
+    def _drain(self) -> list:
+        if not self._outbox:
+            return []
+        with self._lock:
+            out, self._outbox = self._outbox, []
+        return out
+
+    def _wait_for_jobs(self) -> None:
+        """Until this stream's slices in the worker pool are done (or skipped)."""
+        if self.workers is None:
+            return
+        limit = self.workers.max_wait_s + JOB_RUN_LIMIT_S
+        deadline = time.monotonic() + limit
+        with self._lock:
+            while self._jobs_open > 0:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self._problem(f"{self._jobs_open} slice(s) still computing {limit:.0f} s after the stream ended; "
+                                  f"their VNE will not be sent")
+                    return
+                self._jobs_done.wait(left)
+
+    # ------------------------------------------------------------------ one slice
+    def _slice_vne(self, model, p: _Pending, s, cine_source: str, match_ms: float = 0.0) -> VNEResult | None:
+        """VNE of one complete slice (:mod:`vne.inference`), guarded; None with a logged reason
+        when it is not made or withheld. Thread-safe: runs in a worker with a pool."""
+        try:
+            prep = inference.prepare(model.contract, s)
+        except InputError as exc:
+            msg = str(exc)
+            self._problem(f"no VNE for {msg if msg.startswith(s.key) else s.key + ': ' + msg}")
+            return None
+        except Exception as exc:  # a bug below must cost this slice only
+            log.exception("VNE: internal error preparing %s", s.key)
+            self._problem(f"no VNE for {s.key}: internal error ({exc.__class__.__name__}: {exc})")
+            return None
+        prep.timings = {"match": match_ms, **prep.timings}
+        t0 = time.perf_counter()
+        verdict = self._check_inputs(model, prep)
+        prep.timings["guard"] = 1000.0 * (time.perf_counter() - t0)
+        if verdict is False:
+            return None
+        try:
+            vne = inference.predict(model, prep)
+        except InputError as exc:
+            self._problem(f"no VNE for {s.key}: model run failed: {exc}")
+            return None
+        except Exception as exc:
+            self._problem(f"no VNE for {s.key}: model run failed ({exc.__class__.__name__}: {exc})")
+            return None
+        qc = None
+        t0 = time.perf_counter()
+        if verdict is not None:
+            try:
+                qc = verdict[0] + check_output(vne, verdict[1])
+            except Exception as exc:  # the guard must not be the thing that breaks the chain
+                log.exception("VNE: quality guard failed on %s", s.key)
+                qc = verdict[0] + QCResult(False, f"quality guard error ({exc.__class__.__name__}: {exc})", 0.0)
+            prep.timings["guard_output"] = 1000.0 * (time.perf_counter() - t0)
+            if not qc.passed and self.config.qc == "withhold":
+                self._problem(f"no VNE for {s.key}: quality guard: {qc.reason} (qc=withhold)")
+                return None
+            if not qc.passed:
+                self._problem(f"{s.key}: quality guard failed: {qc.reason}; VNE sent marked VNE_QC=FAIL (qc=mark)")
+        return self._result(model, p, s, vne, cine_source, qc, prep)
 
     @property
     def field_strength_t(self) -> float | None:
@@ -664,22 +780,26 @@ class VNEPipeline:
                 continue
         return None
 
-    def _check_inputs(self, key: str, grid, x: dict):
+    def _check_inputs(self, model, prep):
         """The guard before the model. Returns None (qc off), False (withheld: logged), or
         (input verdict, LV regions) to pass on to the output check."""
         if self.config.qc == "off":
             return None
-        c = self.model.contract
+        c = model.contract
+        x = prep.x
         try:
+            if prep.lv_error:
+                raise RuntimeError(prep.lv_error)
             verdict, lv = check_inputs(
-                x["t1_map_ms"][0, 0], x["cine"][0], x["ir"][0], x["ir_ti_ms"][0],
-                pixel_mm=float(np.mean(grid.t1.geometry.pixel_spacing_mm)), field_t=self.field_strength_t,
-                trained_fields_t=c.trained_field_strengths_t, ti_range_ms=c.trained_ti_range_ms)
+                prep.t1_map_ms, x["cine"][0], x["ir"][0], x["ir_ti_ms"][0],
+                pixel_mm=prep.pixel_mm, field_t=self.field_strength_t,
+                trained_fields_t=c.trained_field_strengths_t, ti_range_ms=c.trained_ti_range_ms,
+                lv=prep.lv, window=prep.window)
         except Exception as exc:  # the guard must not be the thing that breaks the chain
-            log.exception("VNE: quality guard failed on %s", key)
+            log.exception("VNE: quality guard failed on %s", prep.key)
             verdict, lv = QCResult(False, f"quality guard error ({exc.__class__.__name__}: {exc})", 0.0), None
         if not verdict.passed and self.config.qc == "withhold":
-            self._problem(f"no VNE for {key}: quality guard: {verdict.reason} (qc=withhold)")
+            self._problem(f"no VNE for {prep.key}: quality guard: {verdict.reason} (qc=withhold)")
             return False
         return verdict, lv
 
@@ -701,20 +821,26 @@ class VNEPipeline:
             st = self._series_state[index] = {"index": index, "uid": _new_uid(), "next": 1}
         return st
 
-    def _result(self, p: _Pending, s, vne: np.ndarray, cine_source: str, qc: QCResult | None = None) -> VNEResult:
+    def _result(self, model, p: _Pending, s, vne: np.ndarray, cine_source: str, qc: QCResult | None = None,
+                prep=None) -> VNEResult:
         t1 = p.t1
-        st = self._series_for(t1)
-        image_index = st["next"]
-        st["next"] += 1
-        base_desc = t1.series_description or "T1"
-        desc = base_desc + self.config.description_suffix + ("" if qc is None or qc.passed else "_QCFAIL")
-        meta = self._meta(t1, desc, st["uid"], s, cine_source, qc)
-        r = VNEResult(key=s.key, t1=t1, t1_mrd=p.mrd, vne=np.asarray(vne, np.float32), series_index=st["index"],
-                      image_index=image_index, series_uid=st["uid"], description=desc, meta=meta,
-                      cine_source=cine_source, seconds=time.perf_counter() - p.arrived, qc=qc)
-        self.results.append(r)
-        log.info("VNE: %s -> series %d image %d (%s, cine from %s, %.0f ms after its T1 map)", s.key, r.series_index,
-                 r.image_index, f"{self.model.name} {self.model.version}", cine_source, 1000 * r.seconds)
+        window = prep.window if prep is not None else None
+        timings = prep.timings if prep is not None else {}
+        with self._lock:  # series numbering: slices may finish in any order, in any worker
+            st = self._series_for(t1)
+            image_index = st["next"]
+            st["next"] += 1
+            base_desc = t1.series_description or "T1"
+            desc = base_desc + self.config.description_suffix + ("" if qc is None or qc.passed else "_QCFAIL")
+            meta = self._meta(t1, desc, st["uid"], s, cine_source, qc, model=model, prep=prep)
+            r = VNEResult(key=s.key, t1=t1, t1_mrd=p.mrd, vne=np.asarray(vne, np.float32), series_index=st["index"],
+                          image_index=image_index, series_uid=st["uid"], description=desc, meta=meta,
+                          cine_source=cine_source, seconds=time.perf_counter() - p.arrived, qc=qc, window=window,
+                          timings=timings)
+            self.results.append(r)
+        log.info("VNE: %s -> series %d image %d (%s, cine from %s, %.0f ms after its T1 map; %s)", s.key, r.series_index,
+                 r.image_index, f"{model.name} {model.version}", cine_source, 1000 * r.seconds,
+                 ", ".join(f"{k} {v:.0f}" for k, v in timings.items()) + " ms" if timings else "")
         return r
 
     # ------------------------------------------------------------------ output
@@ -724,9 +850,10 @@ class VNEPipeline:
         hi = c.window_high * c.output_scale + c.offset
         return int(round((lo + hi) / 2)), max(1, int(round(hi - lo)))
 
-    def _meta(self, t1: MRImage, desc: str, uid: str, s, cine_source: str, qc: QCResult | None = None) -> dict:
+    def _meta(self, t1: MRImage, desc: str, uid: str, s, cine_source: str, qc: QCResult | None = None, *,
+              model=None, prep=None) -> dict:
         c = self.config
-        m = self.model
+        m = model or self.model
         center, width = self._window()
         history = [h for h in _history(t1.meta)] + ["AI", VNE_TAG]
         comment = f"VNE {m.name} {m.version}"
@@ -754,6 +881,9 @@ class VNEPipeline:
             "VNE_Inputs": f"{len(s.cine_frames)} cine, {len(s.ir_images)} IR ({'with' if s.ir_phase else 'without'} phase)",
             "VNE_QC": qc.verdict if qc is not None else "OFF",
         }
+        if prep is not None:
+            # where the model ran; the rest of the grid holds the background value (vne.roi)
+            meta["VNE_Region"] = roi.describe(prep.window, prep.shape)
         if qc is not None:
             meta["VNE_QCScore"] = f"{qc.score:.3f}"
             if not qc.passed:

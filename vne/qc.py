@@ -32,13 +32,19 @@ output
 
 The score is the smallest margin of any check, each scaled to [0, 1] (0: at or past its limit,
 1: comfortably inside), so one number says how close a slice came to being refused.
+
+Windows: the gadget computes the cine and IR images only on a window of the T1 grid (the cine's
+footprint for :func:`cine_motion`, the model's window for the rest, :mod:`vne.roi`). Every
+measure here reads only pixels inside the heart region and within a few pixels of it (filters
+reach 4 pixels), so :func:`check_inputs` with ``window=`` gives the same numbers as on the full
+grid as long as the window holds the heart region with that margin, which the model's window
+does by construction (:func:`vne.roi.model_window`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import ndimage
 
 QC_ACTIONS = ("withhold", "mark", "off")
 DEFAULT_QC_ACTION = "withhold"
@@ -152,8 +158,35 @@ class LVRegions:
     score: float             # compactness x myocardium-like fraction of the ring x its T1 homogeneity
 
 
+def cine_motion(cine: np.ndarray, shape: tuple[int, int] | None = None,
+                window: tuple[slice, slice] | None = None) -> np.ndarray | None:
+    """The cine's motion map for :func:`find_lv`: the temporal SD of each pixel over the median
+    temporal SD of the cine's body pixels (mean above 10 % of the 99th percentile).
+
+    Args:
+        cine: (n, h, w) frames, on the whole grid, or on ``window`` of a grid of ``shape``
+            when the cine is zero outside that window (its footprint on the T1 grid): the map
+            is then the same as from the zero-filled full grid, computed on the window only.
+
+    Returns:
+        (H, W) float64, or None for fewer than 4 frames.
+    """
+    c = np.asarray(cine)
+    if c.ndim != 3 or c.shape[0] < 4:
+        return None
+    c = c.astype(np.float64)
+    sd_w, mean_w = c.std(axis=0), c.mean(axis=0)
+    if window is None:
+        sd, mean = sd_w, mean_w
+    else:
+        sd, mean = np.zeros(shape), np.zeros(shape)
+        sd[window], mean[window] = sd_w, mean_w
+    body = mean > 0.1 * np.percentile(mean, 99)
+    return sd / max(float(np.median(sd[body])) if body.any() else 0.0, 1e-9)
+
+
 def find_lv(t1_map_ms: np.ndarray, pixel_mm: float, limits: QCLimits = DEFAULT_LIMITS,
-            cine: np.ndarray | None = None) -> LVRegions | None:
+            cine: np.ndarray | None = None, motion: np.ndarray | None = None) -> LVRegions | None:
     """The LV blood pool and its myocardial ring, from a native T1 map alone.
 
     For each blood/myocardium split in :attr:`QCLimits.blood_myo_split_ms`, every connected
@@ -171,16 +204,13 @@ def find_lv(t1_map_ms: np.ndarray, pixel_mm: float, limits: QCLimits = DEFAULT_L
         t1_map_ms: (H, W) T1 in ms.
         pixel_mm: pixel spacing (mm).
         cine: optional (n, H, W) cine frames on the same grid.
+        motion: or the cine's :func:`cine_motion` map, already computed.
 
     Returns:
         the best-scoring candidate, or None when no blood-like region of LV size exists.
     """
-    motion = None
-    if cine is not None and np.asarray(cine).ndim == 3 and np.asarray(cine).shape[0] >= 4:
-        c = np.asarray(cine, np.float64)
-        sd = c.std(axis=0)
-        body = c.mean(axis=0) > 0.1 * np.percentile(c.mean(axis=0), 99)
-        motion = sd / max(float(np.median(sd[body])) if body.any() else 0.0, 1e-9)
+    if motion is None and cine is not None:
+        motion = cine_motion(cine)
     best: LVRegions | None = None
     for split in limits.blood_myo_split_ms:
         cand = _find_lv_at(t1_map_ms, pixel_mm, split, limits, motion)
@@ -191,6 +221,8 @@ def find_lv(t1_map_ms: np.ndarray, pixel_mm: float, limits: QCLimits = DEFAULT_L
 
 def _find_lv_at(t1_map_ms: np.ndarray, pixel_mm: float, split_ms: float, limits: QCLimits,
                 motion: np.ndarray | None = None) -> LVRegions | None:
+    from scipy import ndimage  # on use: the import costs ~0.2 s of a cold start
+
     t1 = np.nan_to_num(np.asarray(t1_map_ms, np.float64))
     blood_like = (t1 >= split_ms) & (t1 <= limits.blood_like_max_ms)
     blood_like = ndimage.binary_opening(blood_like, iterations=1)
@@ -252,6 +284,8 @@ def checkerboard_amplitude(image: np.ndarray, mask: np.ndarray | None = None) ->
     """RMS, inside ``mask``, of the response to ``[1 -2 1]ᵀ[1 -2 1] / 16``: the amplitude of the
     2-pixel (Nyquist) checkerboard in the image's own units (1 for a ±1 checkerboard, 0 for
     anything linear along rows or columns)."""
+    from scipy import ndimage  # on use: the import costs ~0.2 s of a cold start
+
     x = np.asarray(image, np.float64)
     k = np.array([1.0, -2.0, 1.0]) / 4.0
     r = ndimage.correlate1d(ndimage.correlate1d(x, k, axis=0, mode="nearest"), k, axis=1, mode="nearest")
@@ -312,6 +346,8 @@ def ir_t1_correlation(ir: np.ndarray, t1_map_ms: np.ndarray, mask: np.ndarray) -
     Args:
         ir: (n, H, W) IR images (any sign).
     """
+    from scipy import ndimage  # on use: the import costs ~0.2 s of a cold start
+
     m = np.asarray(mask, bool)
     if m.sum() < 16:
         return float("nan")
@@ -346,12 +382,19 @@ def check_inputs(
     trained_fields_t: tuple[float, ...] = (),
     ti_range_ms: tuple[float, float] | None = None,
     limits: QCLimits = DEFAULT_LIMITS,
+    *,
+    lv: LVRegions | None | bool = False,
+    window: tuple[slice, slice] | None = None,
 ) -> tuple[QCResult, LVRegions | None]:
     """Is this slice familiar? The model's inputs on the T1 grid, before it runs.
 
     Args:
         t1_map_ms: (H, W) ms. cine: (n, H, W), one cycle in order. ir: (m, H, W) signed or
             magnitude; ir_ti_ms: (m,).
+        lv: the LV regions already found for this slice (:func:`find_lv` with the same T1 map
+            and cine; None: none was found); default: found here.
+        window: ``cine`` and ``ir`` cover only this window of the T1 grid (rows, cols), which
+            holds the LV's heart region with a margin of at least 4 pixels (module docstring).
         pixel_mm: T1-grid pixel spacing (mm).
         field_t: the stream's field strength (T), or None when the header does not say (then
             a model trained at one field strength has its T1 judged by that field's ranges).
@@ -367,7 +410,10 @@ def check_inputs(
                         f"({', '.join(f'{f:g} T' for f in trained_fields_t)})")
     if field_t is None and len(trained_fields_t) == 1:
         field_t = float(trained_fields_t[0])  # undeclared: judge the T1 by the model's one field
-    lv = find_lv(t1_map_ms, pixel_mm, limits, cine=cine)
+    if lv is False:
+        if window is not None:
+            raise ValueError("check_inputs on a window needs the LV found on the whole T1 map (lv=...)")
+        lv = find_lv(t1_map_ms, pixel_mm, limits, cine=cine)
     if lv is None or lv.score < limits.min_lv_score:
         c.measures["lv"] = round(lv.score, 3) if lv else 0.0
         c.fail("lv", "no LV blood pool ringed by myocardium found in the T1 map "
@@ -386,17 +432,22 @@ def check_inputs(
     cv = float(np.std(t1[lv.blood]) / max(blood_t1, 1.0))
     c.within("t1_noise", cv, -np.inf, limits.max_blood_t1_cv, "T1 in the LV blood varies by {value:.0%} (noise or motion; limit {hi:.0%})")
     cine = np.asarray(cine, np.float64)
+    heart, blood, ring, t1w = lv.heart, lv.blood, lv.ring, t1
+    if window is not None:
+        heart, blood, ring, t1w = heart[window], blood[window], ring[window], t1[window]
+        if heart.sum() != lv.heart.sum():
+            raise ValueError("the window does not hold the heart region")
     present = np.all(cine != 0, axis=0)
-    coverage = float(present[lv.heart].mean())
+    coverage = float(present[heart].mean())
     c.within("cine_fov", coverage, limits.min_cine_heart_coverage, np.inf,
              "the cine covers only {value:.0%} of the heart on the T1 grid")
-    around = lv.blood | lv.ring
-    c.within("cine_order", cine_order_ratio(cine, lv.heart & present), -np.inf, limits.max_cine_order_ratio,
+    around = blood | ring
+    c.within("cine_order", cine_order_ratio(cine, heart & present), -np.inf, limits.max_cine_order_ratio,
              "cine frames are not in cardiac order (consecutive-frame difference {value:.2f} of the half-cycle one)")
-    c.within("cine_reg", _corr(cine.mean(axis=0)[around], t1[around]), limits.min_cine_t1_correlation, np.inf,
+    c.within("cine_reg", _corr(cine.mean(axis=0)[around], t1w[around]), limits.min_cine_t1_correlation, np.inf,
              "the cine does not line up with the T1 map (blood/myocardium correlation {value:.2f}): misregistered cine?")
     ti = np.asarray(ir_ti_ms, float)
-    c.within("ir_match", ir_t1_correlation(np.asarray(ir), t1, around), limits.min_ir_t1_correlation, np.inf,
+    c.within("ir_match", ir_t1_correlation(np.asarray(ir), t1w, around), limits.min_ir_t1_correlation, np.inf,
              "the IR images do not follow the T1 map (correlation {value:.2f}): IR from another slice or time?")
     if ti_range_ms is not None and ti.size:
         c.measures["ir_ti_max_ms"] = float(ti.max())

@@ -369,9 +369,20 @@ def background_mask(ir_magnitude: np.ndarray, fraction: float = BACKGROUND_FRACT
     A pixel is fitted when its mean magnitude over the images is at least ``min_mean_signal``
     (if given) or ``fraction`` times the 99th percentile of the pixel means.
     """
-    mean = np.nan_to_num(np.abs(np.asarray(ir_magnitude, np.float64)).mean(axis=0), nan=0.0, posinf=0.0)
+    mean = _pixel_means(ir_magnitude)
     thr = min_mean_signal if min_mean_signal is not None else fraction * float(np.percentile(mean, 99))
     return (mean >= thr) & (mean > 0)
+
+
+def _pixel_means(ir_magnitude: np.ndarray) -> np.ndarray:
+    return np.nan_to_num(np.abs(np.asarray(ir_magnitude, np.float64)).mean(axis=0), nan=0.0, posinf=0.0)
+
+
+def background_threshold(ir_magnitude: np.ndarray, fraction: float = BACKGROUND_FRACTION) -> float:
+    """The mean-magnitude threshold :func:`background_mask` applies to these images: pass it as
+    ``min_mean_signal`` when fitting a window of them, so the window's pixels are chosen as they
+    would be on the whole image."""
+    return fraction * float(np.percentile(_pixel_means(ir_magnitude), 99))
 
 
 def fit_t1(
@@ -562,7 +573,7 @@ def _shmolli(flat: np.ndarray, ts: np.ndarray, conf, t_rr: float, max_ti_flip_ms
 
 
 def restore_polarity(ir_magnitude: np.ndarray, ti_ms, ir_phase: np.ndarray | None = None, mask: np.ndarray | None = None,
-                     t1_map_ms: np.ndarray | None = None) -> np.ndarray:
+                     t1_map_ms: np.ndarray | None = None, min_mean_signal: float | None = None) -> np.ndarray:
     """Signed IR images: negative before the null, positive after.
 
     The signs are those of an all-sample (MOLLI-style) fit of each pixel, from the phase where
@@ -583,6 +594,8 @@ def restore_polarity(ir_magnitude: np.ndarray, ti_ms, ir_phase: np.ndarray | Non
         ir_phase: optional ``(n, ny, nx)`` phase (radians), same order.
         mask: optional ``(ny, nx)`` bool of pixels to sign (default: above background).
         t1_map_ms: optional ``(ny, nx)`` native T1 map on the same grid (used without phase).
+        min_mean_signal: the fit's background threshold (:func:`background_threshold` of the
+            whole images when these are a window of them); default: from these images.
 
     Returns:
         ``(n, ny, nx)`` float32 signed images, in the input order.
@@ -609,10 +622,10 @@ def restore_polarity(ir_magnitude: np.ndarray, ti_ms, ir_phase: np.ndarray | Non
             todo &= np.asarray(t1_map_ms) > 0
         signs = np.where(direct[None], conf, 1).astype(np.float32)
         if todo.any():
-            fit = fit_t1(mag, ti_ms, ir_phase=ir_phase, scheme="molli", mask=todo)
+            fit = fit_t1(mag, ti_ms, ir_phase=ir_phase, scheme="molli", mask=todo, min_mean_signal=min_mean_signal)
             signs = np.where(todo[None], fit.signs, signs)
         if mask is not None:
             signs = np.where(np.asarray(mask, bool)[None], signs, 1)
         return (mag * signs).astype(np.float32)
-    fit = fit_t1(mag, ti_ms, ir_phase=ir_phase, scheme="molli", mask=mask)
+    fit = fit_t1(mag, ti_ms, ir_phase=ir_phase, scheme="molli", mask=mask, min_mean_signal=min_mean_signal)
     return (mag * fit.signs).astype(np.float32)
