@@ -15,9 +15,10 @@ golden tests):
   was trained on (the training cache writes 160-pixel windows, ``vne.simulate.writers``);
 * its sides are multiples of the model's ``pad_multiple``, grown with real image content
   (centred on the heart, shifted to stay inside the grid), so no zero padding is needed unless
-  the grid itself is smaller; rows and columns start on even pixels, so the in-graph intensity
-  scale (every second pixel, ``training.networks.robust_scale``) samples the pixels it would
-  sample on the full grid;
+  the grid itself is smaller; it starts on a row and column that are multiples of
+  :data:`ALIGN` (16, the generator's total stride), so every downsampled feature map of the window
+  samples the same pixels as on the full grid (an 8-pixel shift alone moves the VNE by up to
+  ~0.05 inside the myocardium: the network is shift-invariant only approximately);
 * no heart region (the guard found no LV): the whole grid, as before.
 
 Everything the guard reads lies inside the heart region, so the guard's verdict is the same as
@@ -32,6 +33,7 @@ import numpy as np
 
 from .resampling import Window, full_window
 
+ALIGN = 16             # window starts: multiples of the generator's total stride
 MIN_WINDOW_PX = 160
 CONTEXT_MARGIN_PX = 16
 # The model's output where there is no tissue: measured median of 0.3.0's full-grid VNE over the
@@ -41,14 +43,18 @@ BACKGROUND_VNE = 0.0
 
 
 def _span(lo: int, hi: int, size: int, n: int, multiple: int) -> slice:
-    """A run of ``size`` pixels (rounded up to ``multiple``, at most ``n``) holding [lo, hi),
-    centred on it, inside [0, n), starting on an even pixel where it can."""
+    """A run of at least ``size`` pixels (a multiple of ``multiple``, else all ``n``) that holds
+    [lo, hi) (clipped to the grid), about centred on it, starting on a multiple of :data:`ALIGN`."""
+    lo, hi = max(lo, 0), min(hi, n)
+    step = int(np.lcm(multiple, ALIGN))
     size = int(np.ceil(size / multiple) * multiple)
-    if size >= n:
-        return slice(0, n)
-    start = min(max(int(round((lo + hi - size) / 2)), 0), n - size)
-    start -= start % 2  # an odd start is >= 1, and moving down keeps the run inside
-    return slice(start, start + size)
+    while size < n:
+        start = min(max(int(round((lo + hi - size) / 2)), 0), n - size)
+        start -= start % ALIGN
+        if start <= lo and hi <= start + size:
+            return slice(start, start + size)
+        size += step  # the aligned start cut the run short of hi: one step larger
+    return slice(0, n)
 
 
 def model_window(heart: np.ndarray | None, shape: tuple[int, int], multiple: int,
