@@ -189,7 +189,13 @@ def resample_cycle(frames: np.ndarray, trigger_times_ms: np.ndarray, rr_interval
     hi = ext_phase[idx + 1]
     w = ((out_phase - lo) / np.maximum(hi - lo, 1e-9)).astype(np.float32)
     nxt = (idx + 1) % len(phase)
-    return (frames[idx] * (1 - w)[:, None, None] + frames[nxt] * w[:, None, None]).astype(np.float32)
+    # one (n_out, n_in) interpolation matrix applied to all pixels at once (a BLAS product; the
+    # two fancy-indexed copies of the whole stack it replaces cost ~5x as much)
+    weights = np.zeros((n_out, len(phase)), np.float32)
+    np.add.at(weights, (np.arange(n_out), idx), 1 - w)
+    np.add.at(weights, (np.arange(n_out), nxt), w)
+    flat = np.ascontiguousarray(frames).reshape(frames.shape[0], -1)
+    return (weights @ flat).reshape((n_out,) + frames.shape[1:]).astype(np.float32, copy=False)
 
 
 def crop_geometry(geom: Geometry, rows: slice, cols: slice) -> Geometry:

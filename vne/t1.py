@@ -149,7 +149,7 @@ def phase_signs(ir_phase: np.ndarray, ti_ms, grey_zone: float = PHASE_GREY_ZONE)
     """
     ph = np.asarray(ir_phase, np.float64)
     ref = int(np.argmax(np.asarray(ti_ms, float)))
-    d = np.abs(np.angle(np.exp(1j * (ph - ph[ref]))))
+    d = np.abs(np.mod(ph - ph[ref] + np.pi, 2 * np.pi) - np.pi)  # |phase difference| wrapped to [0, pi]
     out = np.zeros(ph.shape, np.int8)
     out[d > 0.5 * np.pi * (1 + grey_zone)] = -1
     out[d < 0.5 * np.pi * (1 - grey_zone)] = 1
