@@ -276,7 +276,12 @@ def process(connection: MRDConnection, config, metadata, *, defaults=None, model
         cfg = replace(defaults or PipelineConfig(), enabled=False)
     pipeline = None
     try:
-        pipeline = VNEPipeline(cfg, header=metadata, model=model)
+        from .workers import shared_workers
+
+        # slices run in the process's VNE worker pool; a worker sends its VNE image at once
+        # (send_raw holds the connection's lock)
+        pipeline = VNEPipeline(cfg, header=metadata, model=model, workers=shared_workers(), emit=connection.send_image,
+                               load_async=model is None)
         if config_error:
             pipeline.problems = [m for m in pipeline.problems if "'enabled' property" not in m]
             pipeline._disable(f"bad parameters: {config_error}")

@@ -1090,6 +1090,10 @@ def guard_connection(connection) -> None:
 def run_connection(connection, defaults: PipelineConfig | None = None, *, model=None) -> VNEPipeline:
     """Serve one Gadgetron external connection: pass-through first, VNE as slices complete.
 
+    Each complete slice is a job of the process's VNE worker pool (:func:`vne.workers.shared_workers`),
+    which sends its VNE image as soon as it is made; this thread goes on passing images through.
+    Without a loaded ``model`` (execute mode), the model loads while the first images arrive.
+
     Args:
         connection: a ``gadgetron.external.Connection`` (iterable, ``send``, ``header``, ``config``).
         defaults: settings the connection's properties are applied on top of (``vne serve``).
@@ -1109,7 +1113,11 @@ def run_connection(connection, defaults: PipelineConfig | None = None, *, model=
         config = replace(defaults or PipelineConfig(), enabled=False)
     if model is not None and config.model and config.model != (defaults.model if defaults else None):
         model = None  # the connection asks for another model file: load (or reuse) that one
-    pipeline = VNEPipeline(config, header=getattr(connection, "header", None), model=model)
+    from .workers import LockedSender, shared_workers
+
+    send = LockedSender(connection.send)  # this thread passes through, VNE workers send results
+    pipeline = VNEPipeline(config, header=getattr(connection, "header", None), model=model, workers=shared_workers(),
+                           emit=send, load_async=model is None)
     if config_error:
         pipeline.problems = [m for m in pipeline.problems if "'enabled' property" not in m]
         pipeline._disable(f"bad configuration: {config_error}")
@@ -1117,7 +1125,7 @@ def run_connection(connection, defaults: PipelineConfig | None = None, *, model=
     try:
         for item in connection:
             for out in pipeline.feed_iter(item):
-                connection.send(out)
+                send(out)
     except (ConnectionError, OSError, EOFError) as exc:
         dropped = True
         log.error("VNE gadget: stream lost (%s)", exc)
@@ -1126,7 +1134,7 @@ def run_connection(connection, defaults: PipelineConfig | None = None, *, model=
         log.error("VNE gadget: stream unreadable (%s: %s)", exc.__class__.__name__, exc)
     try:
         for out in pipeline.finish(dropped=dropped):
-            connection.send(out)
+            send(out)
     except (ConnectionError, OSError) as exc:
         log.error("VNE gadget: could not send the last VNE images (%s)", exc)
     return pipeline
