@@ -64,6 +64,7 @@ ENV_MODEL_ALLOW = "VNE_MODEL_SHA256_ALLOW"
 MANIFEST_NAME = "manifest.json"
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 DEFAULT_BATCH_SIZE = 8
+WARM_UP_SHAPE = (160, 160)   # the heart window's usual size (vne.roi.MIN_WINDOW_PX)
 # Expected rank and channel dimension (from the contract) of each graph input.
 _RANKS = {"cine": 4, "ir": 4, "ir_ti_ms": 2, "t1_map_ms": 4}
 
@@ -289,6 +290,33 @@ def verify_model(path, sha256: str | None = None, *, searched: bool = False) -> 
     return digest, "unpinned"
 
 
+def session_options(intra_op_threads: int | None = None):
+    """ONNX Runtime session options, chosen by measurement (``benchmarks/bench_inference.py
+    --onnx``, docs/gadget.md "Runtime settings"):
+
+    * intra-op threads: ``intra_op_threads``, else ``$VNE_ORT_THREADS``, else ORT's default (one
+      per core); inter-op 1 and sequential execution (the graph is a chain);
+    * no spinning of idle intra-op threads: on a 2-core host shared with the connection threads
+      (and here a training job) spinning threads took cores the others needed: 0.75-0.78x the
+      time per slice without it, at 160x160 and at 256x304;
+    * full graph optimisation (``ORT_ENABLE_ALL``: constant folding, batch norm folded into the
+      convolutions, NCHWc layouts): basic took 1.3-1.6x as long;
+    * the CPU memory arena on: without it 1.25x as long.
+    """
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    threads = intra_op_threads if intra_op_threads is not None else int(os.environ.get(ENV_THREADS, "0") or 0)
+    opts.intra_op_num_threads = max(0, int(threads))
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.enable_cpu_mem_arena = True
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.log_severity_level = 3
+    return opts
+
+
 def _dim_ok(dim, expected: int) -> bool:
     """A graph dimension matches when it is symbolic (str / None) or equal."""
     return not isinstance(dim, int) or dim <= 0 or dim == expected
@@ -324,11 +352,7 @@ class VNEModel:
             raise InputError(f"model file {self.path} does not exist")
         import onnxruntime as ort
 
-        opts = ort.SessionOptions()
-        threads = intra_op_threads if intra_op_threads is not None else int(os.environ.get(ENV_THREADS, "0") or 0)
-        opts.intra_op_num_threads = max(0, int(threads))
-        opts.inter_op_num_threads = 1
-        opts.log_severity_level = 3
+        opts = session_options(intra_op_threads)
         providers = choose_providers(prefer_gpu)
         try:
             self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=providers)
@@ -341,6 +365,7 @@ class VNEModel:
         self.contract = ModelContract.from_json(meta[CONTRACT_KEY])
         self._check_graph()
         self.batch_size = max(1, int(batch_size))
+        self.warmed = False
         self.providers = list(self.session.get_providers())
         self.info = ModelInfo(
             path=str(self.path), name=self.contract.model_name, version=self.contract.model_version,
@@ -441,11 +466,18 @@ class VNEModel:
                 out[k] = y[j]
         return out  # type: ignore[return-value]
 
-    def warm_up(self, shape: tuple[int, int] = (160, 160)) -> float:
-        """One inference on zeros (allocations, kernel selection); returns seconds."""
+    def warm_up(self, shape: tuple[int, int] = WARM_UP_SHAPE, runs: int = 2) -> float:
+        """Inferences on a flat input of the heart window's usual size (allocations, kernel
+        selection, the arena), so the first slice is not the slow one; returns seconds."""
         c = self.contract
         h, w = shape
         t0 = time.perf_counter()
+        for _ in range(max(1, runs)):
+            self._warm_run(c, h, w)
+        self.warmed = True
+        return time.perf_counter() - t0
+
+    def _warm_run(self, c, h: int, w: int) -> None:
         self.predict({
             "cine": np.zeros((1, c.n_cine_frames, h, w), np.float32),
             "ir": np.zeros((1, c.n_ir_images, h, w), np.float32),
@@ -453,11 +485,10 @@ class VNEModel:
             if len(c.nominal_ti_ms) >= c.n_ir_images else np.ones((1, c.n_ir_images), np.float32),
             "t1_map_ms": np.full((1, 1, h, w), 1000.0, np.float32),
         })
-        return time.perf_counter() - t0
 
 
 def load_model(path=None, *, intra_op_threads: int | None = None, prefer_gpu: bool = True,
-               batch_size: int = DEFAULT_BATCH_SIZE, sha256: str | None = None) -> VNEModel:
+               batch_size: int = DEFAULT_BATCH_SIZE, sha256: str | None = None, warm_up: bool = True) -> VNEModel:
     """The process-wide session for a model file (created on first use, then reused).
 
     The file is checked first (:func:`verify_model`; its hash is cached, so a reused session
@@ -467,6 +498,7 @@ def load_model(path=None, *, intra_op_threads: int | None = None, prefer_gpu: bo
         path: the ONNX file; None -> :func:`find_default_model`.
         sha256: the digest the operator expects (``--model-sha256``); it is also pinned for
             later loads of the same file (:func:`pin_sha256`).
+        warm_up: run :meth:`VNEModel.warm_up` when the session is new.
 
     Raises:
         InputError: no model found, a refused file (sha256 mismatch, not in the manifest), or
@@ -504,6 +536,11 @@ def load_model(path=None, *, intra_op_threads: int | None = None, prefer_gpu: bo
             raise InputError(f"model file {rp} changed while it was being loaded; refused")
         m._stamp = stamp
         m.sha256 = m.info.sha256 = digest
+        if warm_up:
+            try:
+                log.info("VNE model %s warm-up: %.2f s", rp.name, m.warm_up())
+            except InputError as exc:  # a model that cannot run a window fails on the first slice, with its reason
+                log.warning("VNE model %s warm-up failed: %s", rp.name, exc)
         _cache[key] = m
         log.info("VNE model %s sha256 %s (%s)", rp.name, digest, why)
         return m

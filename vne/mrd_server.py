@@ -43,6 +43,7 @@ VNE_CONFIG = "vne"
 DEBUG, INFO, WARNING, ERROR, CRITICAL = "DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"
 
 # JSON parameters a client may not set: server-side paths stay the server's (--model, --cache-dir)
+from . import memory  # noqa: E402
 from .pipeline import SERVER_ONLY_PROPERTIES  # noqa: E402  (one definition: model, model_sha256, cache_dir)
 
 
@@ -474,6 +475,7 @@ def serve(srv: socket.socket, defaults=None, model=None, options: ServerOptions 
             handle(conn, peer, defaults, model, options)
         finally:
             slots.release()
+            memory.trim()  # the stream's images are free: give the memory back (vne.memory)
 
     try:
         while not stop.is_set():

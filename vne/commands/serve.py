@@ -22,6 +22,13 @@ Bounds (both protocols): ``--read-timeout`` (no data for that long ends a connec
 ``--max-active`` connections at once (gadgetron: further connections wait in the listen backlog,
 none is refused; mrd: a TEXT "busy" and CLOSE). A failed ``accept()`` (e.g. out of file
 descriptors) is logged and retried with a back-off: the server never stops listening on its own.
+
+VNE work (both protocols) runs in one bounded pool for all connections (:mod:`vne.workers`):
+``--vne-workers`` threads share the one model session, at most ``--vne-queue`` slices wait, and a
+slice that finds the queue full or waits longer than ``--vne-max-wait`` seconds gets no VNE, with
+the reason in its stream's log; every image still passes through at once. Memory stays flat:
+at most two malloc arenas, and free memory goes back to the system when a stream ends
+(:mod:`vne.memory`).
 """
 from __future__ import annotations
 
@@ -33,7 +40,7 @@ import sys
 import threading
 import time
 
-from .. import mrd_server
+from .. import memory, mrd_server, workers as vne_workers
 from ..framing import ListenerClosed, accept_once
 from ..exam import InputError
 
@@ -74,6 +81,15 @@ def add_arguments(p) -> None:
     p.add_argument("--read-timeout", type=float, default=None,
                    help=f"seconds without data before a connection is ended (default {DEFAULT_READ_TIMEOUT_S:g} for "
                         f"gadgetron, {MRD_DEFAULT_READ_TIMEOUT_S:g} for mrd, which ends it with TEXT + CLOSE)")
+    p.add_argument("--vne-workers", type=int, default=None,
+                   help=f"threads computing VNE, shared by all connections (default {vne_workers.default_workers()}: "
+                        f"one per two cores)")
+    p.add_argument("--vne-queue", type=int, default=vne_workers.DEFAULT_MAX_QUEUED,
+                   help=f"slices that may wait for a VNE worker (default {vne_workers.DEFAULT_MAX_QUEUED}); "
+                        f"one more gets no VNE (logged), its images pass through")
+    p.add_argument("--vne-max-wait", type=float, default=vne_workers.DEFAULT_MAX_WAIT_S,
+                   help=f"seconds a slice may wait for a worker before its VNE is skipped (default "
+                        f"{vne_workers.DEFAULT_MAX_WAIT_S:g})")
     p.add_argument("--max-message-mb", type=float, default=1024.0,
                    help="mrd: largest declared data of one image/acquisition/waveform in MiB (default 1024); "
                         "text and image attributes are limited to 16 MiB")
@@ -189,6 +205,7 @@ def serve(srv: socket.socket, defaults, model, *, max_connections: int = 0, stop
             _handle(conn, peer, defaults, model, read_timeout_s)
         finally:
             slots.release()
+            memory.trim()  # the stream's images are free: give the memory back (vne.memory)
 
     try:
         while not stop.is_set():
@@ -258,12 +275,18 @@ def run(args) -> int:
                           cache_dir=args.cache_dir, intra_op_threads=args.threads)
     # the server's own command line: trusted (it may name the model and the cache folder)
     defaults = PipelineConfig.from_properties(parse_properties(args.property), base=base, trusted=True)
+    n_workers = getattr(args, "vne_workers", None)
+    queue_len = getattr(args, "vne_queue", vne_workers.DEFAULT_MAX_QUEUED)
+    max_wait = getattr(args, "vne_max_wait", vne_workers.DEFAULT_MAX_WAIT_S)
+    if (n_workers is not None and n_workers < 1) or queue_len < 1 or not max_wait > 0:
+        raise InputError("--vne-workers, --vne-queue and --vne-max-wait must be positive")
+    pool = vne_workers.configure(n_workers, queue_len, max_wait)
+    memory.limit_arenas()
     model = None
     try:
         model = load_model(defaults.model or None, intra_op_threads=defaults.intra_op_threads,
-                           prefer_gpu=defaults.prefer_gpu, batch_size=defaults.batch_size, sha256=defaults.model_sha256)
-        if not args.no_warmup:
-            log.info("warm-up inference: %.2f s", model.warm_up((256, 256)))
+                           prefer_gpu=defaults.prefer_gpu, batch_size=defaults.batch_size, sha256=defaults.model_sha256,
+                           warm_up=not args.no_warmup)
     except InputError as exc:
         log.error("VNE model unusable: %s; serving pass-through only", exc)
         print(f"vne serve: error: {exc} (serving pass-through only)", file=sys.stderr, flush=True)
@@ -274,6 +297,7 @@ def run(args) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
     what = f"{model.name} {model.version} on {', '.join(model.providers)}" if model else "no model: pass-through"
+    what += f"; {pool.n_workers} VNE worker(s), queue {pool.max_queued}"
     if protocol == "mrd":
         what = f"MRD protocol, config '{mrd_server.VNE_CONFIG}'; {what}"
     print(f"vne serve: listening on {host}:{port} ({what})", flush=True)
