@@ -132,3 +132,26 @@ def test_no_lv_runs_the_model_on_the_whole_grid():
     flat = replace(s, t1_map=replace(s.t1_map, pixels=np.full(s.t1_map.geometry.shape, 900.0, np.float32)))
     p = inference.prepare(CONTRACT, flat)
     assert p.lv is None and p.full_grid
+
+
+def test_the_window_follows_the_moving_heart_when_the_lv_finder_is_wrong(monkeypatch):
+    """On 1 of 91 held-out simulator slices the LV finder settled on another blood pool ringed by
+    myocardium-like T1; the window must still hold the myocardium, because the heart moves."""
+    import vne.qc as qc
+
+    case = simulate_case(4, 0)
+    s = _slices(4, 0)[0]
+    t1_positions = [tuple(np.round(im.geometry.position_mm, 2)) for im in as_delivered(case) if im.role == Role.T1_MAP]
+    myo = case.truth[t1_positions.index(tuple(np.round(s.t1_map.geometry.position_mm, 2)))].myocardium
+    real = qc.find_lv
+
+    def elsewhere(*a, **k):  # the true LV's regions moved to a far corner of the grid
+        lv = real(*a, **k)
+        shift = (-int(np.nonzero(lv.heart)[0].min()), -int(np.nonzero(lv.heart)[1].min()))
+        return replace(lv, blood=np.roll(lv.blood, shift, (0, 1)), ring=np.roll(lv.ring, shift, (0, 1)),
+                       heart=np.roll(lv.heart, shift, (0, 1)))
+
+    monkeypatch.setattr(qc, "find_lv", elsewhere)
+    p = inference.prepare(CONTRACT, s)
+    assert not roi.contains(roi.model_window(p.lv.heart, p.shape, 16), myo)   # the LV alone would miss it
+    assert roi.contains(p.window, myo)

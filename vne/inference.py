@@ -7,8 +7,8 @@
    operator cached per geometry pair (:mod:`vne.resampling`), then to the model's cycle
    (:func:`vne.contract.cine_cycle`);
 2. the LV and heart region from the T1 map and the cine's motion (:func:`vne.qc.find_lv`, the
-   quality guard's own finder);
-3. the model's window around the heart (:func:`vne.roi.model_window`);
+   quality guard's own finder), joined with where the cine moves (:func:`vne.roi.moving_region`);
+3. the model's window around both (:func:`vne.roi.model_window`);
 4. the IR images onto the window only, and their signs restored there only
    (:func:`vne.t1.restore_polarity`, with the background threshold of the whole images, so each
    pixel gets the sign it would get on the full grid).
@@ -136,13 +136,16 @@ def prepare(contract: ModelContract, s: SliceSet, *, limits=None, pad_multiple: 
     lap("cine")
 
     # 2. the LV (the guard's finder), 3. the window around its heart region
-    lv, lv_error = None, ""
+    lv, lv_error, heart = None, "", None
     try:
-        lv = find_lv(t1_ms, pixel_mm, limits, motion=cine_motion(cyc_box, shape, cmap.bbox))
+        motion = cine_motion(cyc_box, shape, cmap.bbox)
+        lv = find_lv(t1_ms, pixel_mm, limits, motion=motion)
+        if lv is not None and lv.score >= limits.min_lv_score:
+            moving = roi.moving_region(motion)
+            heart = lv.heart if moving is None else lv.heart | moving
     except Exception as exc:  # the guard reports it; the model then runs on the whole grid
         log.exception("VNE: LV finder failed on %s", s.key)
         lv_error = f"{exc.__class__.__name__}: {exc}"
-    heart = lv.heart if lv is not None and lv.score >= limits.min_lv_score else None
     window = roi.model_window(heart, shape, pad_multiple or contract.pad_multiple)
     lap("heart")
 
