@@ -364,7 +364,8 @@ class VNEPipeline:
         self.model = model
         if self.model is None and self.config.enabled and self.disabled_reason is None:
             if load_async:
-                self._loader = threading.Thread(target=self._load_model, name="vne-model-load", daemon=True)
+                self._loader = threading.Thread(target=self._load_model, args=(True,), name="vne-model-load",
+                                                daemon=True)
                 self._loader.start()
             else:
                 self._load_model()
@@ -373,10 +374,12 @@ class VNEPipeline:
             log.info("VNE disabled by configuration: passing images through (study cache still filled)")
 
     # ------------------------------------------------------------------ setup
-    def _load_model(self) -> None:
+    def _load_model(self, preload: bool = False) -> None:
         from .model import load_model
 
         try:
+            if preload:
+                inference.preload()
             self.model = load_model(self.config.model or None, intra_op_threads=self.config.intra_op_threads,
                                     prefer_gpu=self.config.prefer_gpu, batch_size=self.config.batch_size)
         except InputError as exc:

@@ -282,6 +282,9 @@ def run(args) -> int:
         raise InputError("--vne-workers, --vne-queue and --vne-max-wait must be positive")
     pool = vne_workers.configure(n_workers, queue_len, max_wait)
     memory.limit_arenas()
+    from ..inference import preload
+
+    preload()  # the first slice's imports, now rather than in the first stream
     model = None
     try:
         model = load_model(defaults.model or None, intra_op_threads=defaults.intra_op_threads,
