@@ -305,7 +305,11 @@ def main(argv=None) -> int:
                   + (f", errors: {errors[:2]}" if errors else ""), flush=True)
     finally:
         server.stop()
+        log_path = tmp / "serve.log"
+        log_path.write_text("".join(server.lines))
     print()
+    print(f"server log: {log_path} ({server.count(' ERROR ')} ERROR lines, {server.count('server overloaded')} "
+          f"'server overloaded')")
     print(f"server RSS fresh (model loaded, warm): {rss_fresh:.0f} MB; server peak over the run (VmHWM) not sampled "
           f"after exit; {server.count('Traceback')} tracebacks in its log")
     print("| concurrent streams | rounds | wall time per round | pass-through latency, median (p95) | VNE latency, median (max) "

@@ -122,3 +122,22 @@ def test_a_model_that_fails_to_load_in_the_background_still_passes_everything(st
                     load_async=True)
     assert _split(_feed_all(p, images), images) == []
     assert p.disabled_reason and "does not exist" in p.disabled_reason
+
+
+def test_a_reader_that_falls_behind_abandons_vne_and_passes_everything(stream, model, monkeypatch):
+    import vne.pipeline as P
+
+    header, images = stream
+    monkeypatch.setattr(P, "INBOX_MAX_ITEMS", 3)
+    gate = threading.Event()
+    p = VNEPipeline(PipelineConfig(model=str(model.path), cache_dir="none"), header=header, model=model,
+                    workers=SliceWorkers(workers=1), emit=lambda im: None)
+    real = p._process_item
+    monkeypatch.setattr(p, "_process_item", lambda item: (gate.wait(60), real(item))[1])
+    out = []
+    for im in images:
+        out.extend(p.feed_iter(im))          # the reader is stuck on the first image: the stream goes on
+    gate.set()
+    out.extend(p.finish())
+    _split(out, images)
+    assert p._abandoned and any("VNE abandoned for the rest of the stream" in m for m in p.problems)

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import threading
 import time
 import uuid
@@ -66,6 +67,10 @@ DEFAULT_UINT16_OFFSET = 1000.0
 REJECTED_DTYPES = (np.int32, np.int64)
 # How long finish() waits for a slice that a worker has started, beyond the pool's queue wait.
 JOB_RUN_LIMIT_S = 120.0
+# Images of one stream that may wait for its VNE reader (with a worker pool) before VNE is
+# abandoned for the rest of the stream (server overloaded). An exam is ~40-50 images per slice.
+INBOX_MAX_ITEMS = 256
+_END = object()
 # Plausible median of a native cardiac T1 map's tissue pixels (ms): myocardium ~950-1300,
 # blood 1500-2000, fat/liver lower. Combined with the contract's t1_valid_range_ms.
 T1_MEDIAN_PLAUSIBLE_MS = (400.0, 2500.0)
@@ -354,6 +359,9 @@ class VNEPipeline:
         self._jobs_open = 0
         self._outbox: list = []                     # finished VNE images not yet handed out
         self._loader: threading.Thread | None = None
+        self._reader: threading.Thread | None = None  # with workers: decodes and matches (feed_iter)
+        self._inbox: queue.Queue | None = None
+        self._abandoned = False
         try:
             self.rules = DEFAULT_RULES.with_overrides(self.config.role_overrides) if self.config.role_overrides else DEFAULT_RULES
         except InputError as exc:
@@ -444,17 +452,63 @@ class VNEPipeline:
 
     def feed_iter(self, item) -> Iterator:
         """Yield ``item`` (unchanged, the same object) at once, then do the VNE work for it and
-        yield any VNE images that became ready. Never raises."""
+        yield any VNE images that became ready. Never raises.
+
+        With a worker pool the VNE work (decoding, matching) is handed to this stream's reader
+        thread (:meth:`_enqueue`), so the caller's thread only passes images through."""
         self.n_items += 1
         yield item
+        if self.workers is not None:
+            self._enqueue(item)
+            yield from self._drain()
+            return
+        yield from self._work_on(item)
+        yield from self._drain()
+
+    def _work_on(self, item) -> list:
         try:
-            outs = self._process_item(item)
+            return self._process_item(item)
         except Exception as exc:  # never let VNE stop the stream
             log.exception("VNE: internal error on item %d", self.n_items)
             self.problems.append(f"internal error: {exc.__class__.__name__}: {exc}")
-            outs = []
-        yield from outs
-        yield from self._drain()
+            return []
+
+    # ------------------------------------------------------------------ the stream's reader (worker pool)
+    def _enqueue(self, item) -> None:
+        """Hand an item to this stream's VNE reader thread (decode, match, start slices). Its
+        queue is bounded (:data:`INBOX_MAX_ITEMS`): a reader that falls that far behind means
+        the server is overloaded, and VNE is abandoned for the rest of the stream, with the
+        reason logged, while every image still passes through."""
+        if self._abandoned:
+            return
+        if self._reader is None:
+            self._inbox = queue.Queue(maxsize=INBOX_MAX_ITEMS)
+            self._reader = threading.Thread(target=self._read_loop, name="vne-stream-reader", daemon=True)
+            self._reader.start()
+        try:
+            self._inbox.put_nowait(item)
+        except queue.Full:
+            self._abandoned = True
+            self._problem(f"server overloaded: {INBOX_MAX_ITEMS} images of this stream wait to be read for VNE; "
+                          f"VNE abandoned for the rest of the stream (slices already started continue); every "
+                          f"image passed through")
+
+    def _read_loop(self) -> None:
+        while True:
+            item = self._inbox.get()
+            if item is _END:
+                return
+            for out in self._work_on(item):  # inline results (none with a pool); kept for safety
+                self._deliver(out)
+
+    def _stop_reader(self) -> None:
+        if self._reader is None:
+            return
+        self._inbox.put(_END)
+        self._reader.join(JOB_RUN_LIMIT_S)
+        if self._reader.is_alive():
+            self._problem(f"the stream's VNE reader did not finish within {JOB_RUN_LIMIT_S:.0f} s; no more VNE")
+            self._abandoned = True
 
     def finish(self, *, dropped: bool = False) -> list:
         """End of stream: run VNE for slices still pending, fill the study cache, log a summary.
@@ -470,6 +524,9 @@ class VNEPipeline:
         self._finished = True
         outs: list = []
         try:
+            self._stop_reader()
+            if self._reader is not None and self._reader.is_alive():
+                return outs
             if dropped:
                 self._problem(f"stream ended without CLOSE after {self.n_items} items; VNE for the slices "
                               f"complete so far only")

@@ -31,8 +31,8 @@ from typing import Callable
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_QUEUED = 16
-DEFAULT_MAX_WAIT_S = 30.0
+DEFAULT_MAX_QUEUED = 48
+DEFAULT_MAX_WAIT_S = 20.0
 
 
 def default_workers() -> int:

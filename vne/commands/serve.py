@@ -182,7 +182,7 @@ def bind(host: str, port: int) -> socket.socket:
     except OSError as exc:
         srv.close()
         raise InputError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    srv.listen(16)
+    srv.listen(socket.SOMAXCONN)  # many scanners may connect at once; a short backlog resets some
     return srv
 
 
