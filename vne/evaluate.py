@@ -54,6 +54,40 @@ class SliceResult:
         return self.lge_myocardium, self.lge_blood_pool, self.lge_remote
 
 
+def write_scorer_exams(results: list[SliceResult], out_dir: Path) -> tuple[Path, Path, list[str]]:
+    """Write exams and VNE in the layout of the external judge's scorer (``score_exams.py``).
+
+    Per patient ``out_dir/cases/<patient>/truth.npz`` (``myo``, ``remote``, ``blood``,
+    ``lge_clean``, ``t1_scanner``: (slices, H, W); ``burden_true``: lesion fraction of the
+    myocardium) and ``out_dir/pred/<patient>.npy`` (the VNE stack, same shape). So our own test
+    sets can be scored exactly as the external exams are: exam-level burden, no contour margin,
+    blood reference from the central half of the pool. Only the slices VNE was produced for are
+    written; a patient whose slices have different grids is left out and named in the result.
+
+    Returns (cases folder, predictions folder, patients left out).
+    """
+    cases, pred = out_dir / "cases", out_dir / "pred"
+    by_patient: dict[str, list[SliceResult]] = {}
+    for r in results:
+        by_patient.setdefault(r.patient_id, []).append(r)
+    skipped = []
+    for pid, rs in sorted(by_patient.items()):
+        if len({r.vne.shape for r in rs}) != 1:
+            skipped.append(pid)
+            continue
+        (cases / pid).mkdir(parents=True, exist_ok=True)
+        pred.mkdir(parents=True, exist_ok=True)
+        myo = np.stack([r.myocardium for r in rs]).astype(bool)
+        lesion = np.stack([r.lesion for r in rs]).astype(bool) & myo
+        np.savez_compressed(cases / pid / "truth.npz", myo=myo, remote=np.stack([r.remote for r in rs]).astype(bool),
+                            blood=np.stack([r.blood_pool for r in rs]).astype(bool),
+                            lge_clean=np.stack([r.lge_clean for r in rs]).astype(np.float32),
+                            t1_scanner=np.stack([r.t1_map_ms for r in rs]).astype(np.float32),
+                            burden_true=np.float64(0.0 if rs[0].lesion_free else lesion.sum() / max(1, myo.sum())))
+        np.save(pred / f"{pid}.npy", np.stack([r.vne for r in rs]).astype(np.float32))
+    return cases, pred, skipped
+
+
 def normalise(img: np.ndarray, remote: np.ndarray, blood: np.ndarray) -> np.ndarray:
     """``(x - mean_remote) / (mean_blood - mean_remote)``."""
     lo, hi = float(img[remote].mean()), float(img[blood].mean())

@@ -37,6 +37,9 @@ def add_arguments(p) -> None:
     p.add_argument("--contour-margin-px", type=int, default=None, metavar="PX",
                    help="pixels taken off the myocardium borders before quantifying (default 1; 0 for contours "
                         "already drawn inside the borders; see docs/evaluation.md)")
+    p.add_argument("--export-scorer", type=Path, default=None, metavar="DIR",
+                   help="also write the exams and VNE as DIR/cases/<patient>/truth.npz and DIR/pred/<patient>.npy, "
+                        "the layout of the external judge's score_exams.py (--pred-npy)")
 
 
 def slice_index_by_position(raw_images) -> dict[tuple, int]:
@@ -172,6 +175,11 @@ def run(args) -> int:
         ablations = {"full model": _ablation_summary(metrics), **ablations}
         metrics["ablations"] = ablations
     report = write_report(metrics, results, args.out, title=f"VNE evaluation of {Path(model).name}")
+    if args.export_scorer is not None:
+        from ..evaluate import write_scorer_exams
+
+        cases, pred, skipped = write_scorer_exams(results, args.export_scorer)
+        print(f"scorer layout: {cases} (truth) and {pred} (VNE)" + (f"; left out (mixed grids): {', '.join(skipped)}" if skipped else ""))
     a = metrics["agreement"]
     print(f"{metrics['n_patients']} patients, {metrics['n_slices']} slices -> {report}")
     for name in ("VNE vs LGE FWHM", "VNE adjusted vs LGE FWHM", "T1>2SD baseline vs LGE FWHM"):
