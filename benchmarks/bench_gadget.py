@@ -11,7 +11,7 @@ Modes:
   inside the measurement; the stream is sent as soon as the gadget connects);
 - **connect (warm)**: one ``vne serve`` process, model loaded and warmed up once, several
   streams in a row (Gadgetron's ``<connect>``);
-- **in-process**: :func:`vne.pipeline.process_stream` with ``tracemalloc``, for the Python heap
+- **in-process**: :func:`vne.runtime.pipeline.process_stream` with ``tracemalloc``, for the Python heap
   peak and the per-slice compute time without any transport.
 
 Peak memory: the gadget process's peak RSS (``resource.getrusage(RUSAGE_CHILDREN)`` for the
@@ -48,8 +48,8 @@ sys.path.insert(0, str(REPO))
 import ismrmrd  # noqa: E402
 
 from vne.commands.stream import exchange, exchange_on  # noqa: E402
-from vne.exam import Role  # noqa: E402
-from vne.mrd_io import from_mrd, read_mrd_file  # noqa: E402
+from vne.exam.data import Role  # noqa: E402
+from vne.io.mrd import from_mrd, read_mrd_file  # noqa: E402
 
 NEEDED = (Role.CINE, Role.IR_MAGNITUDE, Role.IR_PHASE, Role.T1_MAP)
 
@@ -67,7 +67,7 @@ def make_model(kind: str, tmp: Path) -> Path:
 
     from training.export import write_onnx
     from training.networks import GeneratorConfig, VNEGenerator
-    from vne.contract import CONTRACT_KEY, ModelContract
+    from vne.prepare.contract import CONTRACT_KEY, ModelContract
 
     import onnx
 
@@ -178,8 +178,8 @@ def vm_hwm_mb(pid: int) -> float:
 
 
 def in_process(header, images, model, threads) -> dict:
-    from vne.model import load_model
-    from vne.pipeline import PipelineConfig, process_stream
+    from vne.runtime.model import load_model
+    from vne.runtime.pipeline import PipelineConfig, process_stream
 
     m = load_model(model, intra_op_threads=threads)
     m.warm_up((256, 256))

@@ -33,7 +33,7 @@ if str(ROOT) not in sys.path:
 from training.export import write_onnx, example_inputs  # noqa: E402
 from training.networks import GeneratorConfig, VNEGenerator, count_macs, count_params, generator_from_checkpoint  # noqa: E402
 from training.train import load_config  # noqa: E402
-from vne.contract import INPUT_NAMES  # noqa: E402
+from vne.prepare.contract import INPUT_NAMES  # noqa: E402
 
 
 def _time(fn, warmup: int, runs: int, sync=lambda: None) -> list[float]:

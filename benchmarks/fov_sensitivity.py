@@ -27,15 +27,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vne import mrd_io  # noqa: E402
+from vne.io import mrd as mrd_io  # noqa: E402
 from vne.commands.evaluate import slice_index_by_position  # noqa: E402
-from vne.contract import model_inputs  # noqa: E402
-from vne.evaluate import normalise  # noqa: E402
-from vne.model import VNEModel  # noqa: E402
-from vne.quantify import LGE_LEVELS, VNE_ADJUSTED_LEVELS, patient_burden, quantify_slice  # noqa: E402
-from vne.slices import build_slices, on_t1_grid  # noqa: E402
-from vne.stats import FALSE_POSITIVE_BURDEN, icc_a1, pearson_regression  # noqa: E402
-from vne.training_cache import heart_crop_window  # noqa: E402
+from vne.prepare.contract import model_inputs  # noqa: E402
+from vne.evaluation.analysis import normalise  # noqa: E402
+from vne.runtime.model import VNEModel  # noqa: E402
+from vne.evaluation.quantify import LGE_LEVELS, VNE_ADJUSTED_LEVELS, patient_burden, quantify_slice  # noqa: E402
+from vne.prepare.slices import build_slices, on_t1_grid  # noqa: E402
+from vne.evaluation.stats import FALSE_POSITIVE_BURDEN, icc_a1, pearson_regression  # noqa: E402
+from vne.io.training_data import heart_crop_window  # noqa: E402
 
 
 def main() -> int:

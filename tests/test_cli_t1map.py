@@ -8,8 +8,8 @@ import pydicom
 import pytest
 
 from vne.cli import main
-from vne.dicom_io import read_dicom_folder
-from vne.exam import Role
+from vne.io.dicom import read_dicom_folder
+from vne.exam.data import Role
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import re
 import numpy as np
 
 from vne.cli import main
-from vne.training_cache import read_index, read_slice
+from vne.io.training_data import read_index, read_slice
 
 
 def test_simulated_dicom_exams_become_a_cache(sim_set, tmp_path):

@@ -3,8 +3,8 @@ import json
 
 import numpy as np
 
-from vne.evaluate import SliceResult, evaluate, write_report
-from vne.training_cache import read_index, read_slice
+from vne.evaluation.analysis import SliceResult, evaluate, write_report
+from vne.io.training_data import read_index, read_slice
 
 
 def results_from_cache(sim_set, vne_of):

@@ -18,7 +18,7 @@ import pytest
 
 import vne_helpers as H
 from conftest import shared_data_dir
-from vne import mrd_io
+from vne.io import mrd as mrd_io
 from vne.cli import main
 
 
@@ -33,7 +33,7 @@ def test_exam_h5_and_dicom_folder_give_the_same_vne(exam, tmp_path):
     d = shared_data_dir() / "external-exams" / exam
     if not (d / "exam.h5").is_file() or not (d / "dicom").is_dir():
         pytest.skip(f"external exam not found at {d} (set VNE_SHARED_DATA)")
-    from vne.dicom_io import read_dicom_folder
+    from vne.io.dicom import read_dicom_folder
 
     model = str(H.tiny_model())
     h5_out, dcm_out = tmp_path / "vne.h5", tmp_path / "vne-dicom"

@@ -2,8 +2,9 @@
 import numpy as np
 import pytest
 
-from vne.exam import Geometry, InputError
-from vne.geometry import (centre_from_first_pixel, crop_geometry, first_pixel_from_centre, pixel_centres_mm,
+from vne.errors import InputError
+from vne.exam.data import Geometry
+from vne.exam.geometry import (centre_from_first_pixel, crop_geometry, first_pixel_from_centre, pixel_centres_mm,
                           planes_match, resample_cycle, resample_to_grid)
 
 

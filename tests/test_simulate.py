@@ -4,12 +4,12 @@ import json
 import numpy as np
 import pytest
 
-from vne import mrd_io
-from vne.exam import Role
-from vne.geometry import planes_match
+from vne.io import mrd as mrd_io
+from vne.exam.data import Role
+from vne.exam.geometry import planes_match
 from vne.simulate.case import simulate_case
-from vne.slices import build_slices
-from vne.training_cache import read_index, read_slice
+from vne.prepare.slices import build_slices
+from vne.io.training_data import read_index, read_slice
 
 
 def read_case(path):
@@ -138,7 +138,7 @@ def test_simulator_is_deterministic_per_seed():
 
 
 def test_dicom_output_reads_back(sim_set):
-    from vne.dicom_io import read_dicom_folder
+    from vne.io.dicom import read_dicom_folder
 
     case = sorted((sim_set / "dicom").iterdir())[0]
     exams = read_dicom_folder(case)

@@ -10,7 +10,7 @@ import pytest
 from scipy import ndimage
 from scipy.optimize import least_squares
 
-from vne.exam import InputError
+from vne.errors import InputError
 from vne.t1 import detect_scheme, fit_t1, phase_signs, restore_polarity
 
 

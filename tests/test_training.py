@@ -18,8 +18,8 @@ import pytest
 torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 
-from vne.contract import CONTRACT_KEY, ModelContract  # noqa: E402
-from vne.training_cache import MASK_KEYS, read_index, write_index, write_slice  # noqa: E402
+from vne.prepare.contract import CONTRACT_KEY, ModelContract  # noqa: E402
+from vne.io.training_data import MASK_KEYS, read_index, write_index, write_slice  # noqa: E402
 
 from training.dataset import VNEDataset, normalise_target, split_entries, split_patients  # noqa: E402
 from training.networks import VNEGenerator, count_macs, count_params, robust_scale  # noqa: E402

@@ -2,10 +2,10 @@
 
 ``export(checkpoint, out_path)`` writes one self-contained ``.onnx`` file:
 
-* graph inputs ``cine, ir, ir_ti_ms, t1_map_ms`` and output ``vne`` as in :mod:`vne.contract`,
+* graph inputs ``cine, ir, ir_ti_ms, t1_map_ms`` and output ``vne`` as in :mod:`vne.prepare.contract`,
   float32, with a dynamic batch and dynamic H, W (multiples of the model's pad multiple);
 * opset 18, the input normalisation from physical units inside the graph;
-* ``metadata_props``: ``vne_contract`` = :meth:`vne.contract.ModelContract.to_json` (model name
+* ``metadata_props``: ``vne_contract`` = :meth:`vne.prepare.contract.ModelContract.to_json` (model name
   and version, training-data summary from the checkpoint) and ``vne_producer`` (JSON: versions
   of vne / torch / onnx, exporter, checkpoint, step, time);
 * then a parity check: torch and ONNX Runtime on the same realistic synthetic slice
@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from vne import __version__ as vne_version
-from vne.contract import CONTRACT_KEY, INPUT_NAMES, OUTPUT_NAME, SHMOLLI_NOMINAL_TI_MS, ModelContract
+from vne.prepare.contract import CONTRACT_KEY, INPUT_NAMES, OUTPUT_NAME, SHMOLLI_NOMINAL_TI_MS, ModelContract
 
 from .networks import VNEGenerator, generator_from_checkpoint
 

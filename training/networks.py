@@ -62,7 +62,7 @@ def robust_scale(x: torch.Tensor, eps: float = SCALE_EPS, stride: int = 2) -> to
 
     This is the |x|-weighted mean of |x| over all channels and pixels of a sample, so
 
-    * zero pixels do not change it: the zero padding of :func:`vne.contract.pad_to_multiple`
+    * zero pixels do not change it: the zero padding of :func:`vne.prepare.contract.pad_to_multiple`
       and dark air contribute nothing, and a heart-centred crop and the full field of view
       give similar scales (a plain mean |x| would scale with the fraction of background);
     * one scale per stack keeps the relative intensities between cine frames, and between IR
@@ -299,7 +299,7 @@ class VNEGenerator(nn.Module):
     def forward(
         self, cine: torch.Tensor, ir: torch.Tensor, ir_ti_ms: torch.Tensor, t1_map_ms: torch.Tensor
     ) -> torch.Tensor:
-        """Args (float32, physical units, see :mod:`vne.contract`):
+        """Args (float32, physical units, see :mod:`vne.prepare.contract`):
             cine (B, n_cine_frames, H, W) raw magnitude; ir (B, n_ir_images, H, W) signed IR;
             ir_ti_ms (B, n_ir_images) in ms; t1_map_ms (B, 1, H, W) in ms.
 

@@ -43,8 +43,8 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from tqdm import tqdm
 
 from vne import __version__ as vne_version
-from vne.exam import InputError
-from vne.training_cache import read_index
+from vne.errors import InputError
+from vne.io.training_data import read_index
 
 from . import CONFIG_DIR
 from .augment import augment_batch

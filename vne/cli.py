@@ -1,7 +1,7 @@
 """``vne`` command line: argument parsing only; every subcommand lives in ``vne/commands/``.
 
 Each command module defines ``NAME``, ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``.
-User errors (:class:`vne.exam.InputError`, missing files) are printed as one line, exit code 2.
+User errors (:class:`vne.errors.InputError`, missing files) are printed as one line, exit code 2.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import logging
 import sys
 
 from . import __version__
-from .exam import InputError
+from .errors import InputError
 
 COMMANDS = ("simulate", "t1map", "prepare", "infer", "serve", "stream", "train", "export", "evaluate", "demo")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..exam import InputError
+from ..errors import InputError
 
 NAME = "demo"
 HELP = "run the shipped VNE model on a built-in simulated sample exam"
@@ -30,9 +30,9 @@ def _figure(case, results, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..evaluate import heart_mask, normalise
-    from ..exam import Role
-    from ..slices import build_slices, on_t1_grid
+    from ..evaluation.analysis import heart_mask, normalise
+    from ..exam.data import Role
+    from ..prepare.slices import build_slices, on_t1_grid
 
     slices, _ = build_slices(case.images, need_lge=True)
     lge_by_pos = {tuple(np.round(s.t1_map.geometry.position_mm, 2)): on_t1_grid(s).lge for s in slices}
@@ -64,9 +64,9 @@ def _figure(case, results, path: Path) -> Path:
 
 
 def run(args) -> int:
-    from .. import mrd_io
-    from ..model import find_default_model
-    from ..pipeline import PipelineConfig, VNEPipeline
+    from ..io import mrd as mrd_io
+    from ..runtime.model import find_default_model
+    from ..runtime.pipeline import PipelineConfig, VNEPipeline
     from ..simulate.case import simulate_case
     from ..simulate.writers import case_to_mrd
 

@@ -1,9 +1,9 @@
 """``vne evaluate --exams DIR --model M --out REPORT_DIR``: VNE vs LGE on simulated exams.
 
 Runs the model on every exam of a ``vne simulate`` output through the same pipeline as
-``vne infer`` (:class:`vne.pipeline.VNEPipeline` fed the ISMRMRD images in stream order),
+``vne infer`` (:class:`vne.runtime.pipeline.VNEPipeline` fed the ISMRMRD images in stream order),
 brings the LGE onto the T1 grid with the same matching code, quantifies lesions on both with
-the simulator's ground-truth masks and writes the report (:mod:`vne.evaluate`). Ablation models
+the simulator's ground-truth masks and writes the report (:mod:`vne.evaluation.analysis`). Ablation models
 (``--ablation NAME=MODEL``) go through the same path and are compared at FWHM.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ..exam import InputError
+from ..errors import InputError
 
 NAME = "evaluate"
 HELP = "run a model on simulated exams and report VNE-vs-LGE agreement, baselines and image quality"
@@ -41,8 +41,8 @@ def add_arguments(p) -> None:
 
 def slice_index_by_position(raw_images) -> dict[tuple, int]:
     """T1-map image position -> ISMRMRD slice index, to find each result's ground truth."""
-    from ..mrd_io import from_mrd
-    from ..exam import Role
+    from ..io.mrd import from_mrd
+    from ..exam.data import Role
 
     out = {}
     for m in raw_images:
@@ -59,13 +59,13 @@ def run_model_on_file(path: Path, model: Path | None, group: str | None = None,
                       refused: list[str] | None = None) -> tuple[list, list, str]:
     """(VNE results, raw ISMRMRD images, header XML) of one exam file, through the gadget's pipeline.
 
-    ``group``: the file's HDF5 group (:func:`vne.mrd_io.read_mrd_file`; default /dataset or the only one).
+    ``group``: the file's HDF5 group (:func:`vne.io.mrd.read_mrd_file`; default /dataset or the only one).
     ``refused``: when given, the quality guard's refusals are appended to it (one reason per
     slice) and an exam the guard refused entirely returns no results instead of raising: a
     refused slice counts as missing, not as correct.
     """
-    from .. import mrd_io
-    from ..pipeline import PipelineConfig, VNEPipeline
+    from ..io import mrd as mrd_io
+    from ..runtime.pipeline import PipelineConfig, VNEPipeline
 
     header, raw = mrd_io.read_mrd_file(path, group=group)
     pipe = VNEPipeline(PipelineConfig(model=str(model) if model else None, cache_dir="none"), header=mrd_io.parse_header(header))
@@ -83,9 +83,9 @@ def run_model_on_file(path: Path, model: Path | None, group: str | None = None,
 def collect(exams: Path, model: Path | None, max_cases: int | None = None, desc: str = "evaluate",
             group: str | None = None):
     """SliceResults for every case of a simulated set."""
-    from .. import mrd_io
-    from ..evaluate import SliceResult
-    from ..slices import build_slices, on_t1_grid
+    from ..io import mrd as mrd_io
+    from ..evaluation.analysis import SliceResult
+    from ..prepare.slices import build_slices, on_t1_grid
 
     doc = json.loads((exams / "cases.json").read_text())
     cases = doc["cases"][: max_cases or None]
@@ -127,8 +127,8 @@ def _ablation_summary(metrics: dict) -> dict:
 
 
 def run(args) -> int:
-    from ..evaluate import evaluate, write_report
-    from ..model import find_default_model
+    from ..evaluation.analysis import evaluate, write_report
+    from ..runtime.model import find_default_model
 
     model = args.model or find_default_model()
     if model is None:
@@ -136,7 +136,7 @@ def run(args) -> int:
 
     def gather(m: Path, desc: str):
         if args.masks is not None:
-            from ..evaluate_dicom import collect_dicom
+            from ..evaluation.collect_dicom import collect_dicom
 
             if args.group:
                 raise InputError("--group is for ISMRMRD exams; with --masks the exams are DICOM")
@@ -149,7 +149,7 @@ def run(args) -> int:
     results, doc = gather(model, "evaluate")
     if not results:
         raise InputError("no slice could be evaluated (see the log for the reasons)")
-    from ..quantify import CONTOUR_MARGIN_PX
+    from ..evaluation.quantify import CONTOUR_MARGIN_PX
 
     margin = CONTOUR_MARGIN_PX if args.contour_margin_px is None else args.contour_margin_px
     if margin < 0:

@@ -17,7 +17,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..dicom_cache import build_cache_from_dicom
+    from ..prepare.training_from_dicom import build_cache_from_dicom
 
     entries, rows = build_cache_from_dicom(args.dicom_dir, args.out)
     n_ex = sum(r["decision"] == "excluded" for r in rows)

@@ -33,9 +33,9 @@ import sys
 import threading
 import time
 
-from .. import mrd_server
-from ..framing import ListenerClosed, accept_once
-from ..exam import InputError
+from ..runtime import mrd_server
+from ..io.framing import ListenerClosed, accept_once
+from ..errors import InputError
 
 NAME = "serve"
 HELP = ("serve the VNE gadget for Gadgetron <external><connect port=.../>, or for MRD clients with --protocol mrd "
@@ -123,12 +123,12 @@ class _TimedSocket:
 def _handle(conn: socket.socket, peer, defaults, model, read_timeout_s: float | None = None) -> None:
     from gadgetron.external import Connection
 
-    from ..pipeline import EOFGuardSocket
+    from ..runtime.pipeline import EOFGuardSocket
 
     try:
         from gadgets.vne_gadget import gadget
     except ImportError:  # the library alone is installed
-        from ..pipeline import run_connection as gadget
+        from ..runtime.pipeline import run_connection as gadget
     t0 = time.perf_counter()
     try:
         conn.settimeout(None)
@@ -230,7 +230,7 @@ def serve(srv: socket.socket, defaults, model, *, max_connections: int = 0, stop
 
 
 def _mrd_options(args) -> "mrd_server.ServerOptions":
-    from ..framing import FrameLimits
+    from ..io.framing import FrameLimits
 
     max_active = getattr(args, "max_active", DEFAULT_MAX_ACTIVE)
     read_timeout = getattr(args, "read_timeout", None)
@@ -243,8 +243,8 @@ def _mrd_options(args) -> "mrd_server.ServerOptions":
 
 
 def run(args) -> int:
-    from ..model import load_model
-    from ..pipeline import PipelineConfig
+    from ..runtime.model import load_model
+    from ..runtime.pipeline import PipelineConfig
     from .infer import parse_properties
 
     protocol = getattr(args, "protocol", "gadgetron") or "gadgetron"

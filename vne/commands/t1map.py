@@ -26,8 +26,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ..dicom_io import read_dicom_folder, series_folder_name, write_series
-from ..exam import Exam, InputError, MRImage, Role
+from ..io.dicom import read_dicom_folder, series_folder_name, write_series
+from ..errors import InputError
+from ..exam.data import Exam, MRImage, Role
 from ..t1 import SCHEMES, detect_scheme, fit_t1
 
 NAME = "t1map"

@@ -1,7 +1,7 @@
 """One synthetic HCM exam: native cine, ShMOLLI/MOLLI IR images and T1 map, PSIR LGE, truth.
 
 :func:`simulate_case` is deterministic per (seed, case index) and returns the images as a
-scanner would deliver them (:class:`vne.exam.MRImage`, with roles, geometry and Siemens- or
+scanner would deliver them (:class:`vne.exam.data.MRImage`, with roles, geometry and Siemens- or
 Gadgetron-style meta in one of several spellings) and the ground truth per slice on the T1 grid.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..exam import Geometry, MRImage, Role
+from ..exam.data import Geometry, MRImage, Role
 from ..t1 import fit_t1
 from . import anatomy, signals, tissue
 from .anatomy import T, TISSUES

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..exam import Role
-from ..geometry import resample_to_grid
+from ..exam.data import Role
+from ..exam.geometry import resample_to_grid
 from .case import SimulatedCase
 
 

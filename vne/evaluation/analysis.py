@@ -5,7 +5,7 @@ grid), the ground-truth masks and the artefact-free LGE. :func:`evaluate` comput
 
 - lesion burden per patient for LGE (FWHM / FWQM / FWEM), VNE at the same and at the paper's
   adjusted thresholds, and the T1-map baseline (T1 > remote + 2 SD);
-- Pearson r, regression, ICC(A,1) with 95% CI and Bland–Altman per threshold (:mod:`vne.stats`);
+- Pearson r, regression, ICC(A,1) with 95% CI and Bland–Altman per threshold (:mod:`vne.evaluation.stats`);
 - SSIM and PSNR of VNE vs LGE inside the heart; the false-positive rate;
 - image quality: myocardium–blood CNR, remote-myocardium variance and agreement with the
   artefact-free LGE, for slices with and without LGE artefacts.
@@ -97,7 +97,7 @@ def _normalised_lge(r: SliceResult) -> np.ndarray:
 def evaluate(results: list[SliceResult], margin_px: int = quantify.CONTOUR_MARGIN_PX) -> dict:
     """All numbers of the report (JSON-serialisable).
 
-    ``margin_px``: the contour margin of the quantification (:func:`vne.quantify.quantified_myocardium`).
+    ``margin_px``: the contour margin of the quantification (:func:`vne.evaluation.quantify.quantified_myocardium`).
     """
     patients = sorted({r.patient_id for r in results})
     lge_b = _burdens(results, lambda r: r.lge, quantify.LGE_LEVELS, margin_px, lge=True)
@@ -254,7 +254,7 @@ def write_report(metrics: dict, results: list[SliceResult], out_dir: Path, title
     lines = [f"# {title}", "", f"{metrics['n_patients']} patients, {metrics['n_slices']} slices.", ""]
     if "qc" in metrics:
         q = metrics["qc"]
-        lines += [f"Quality guard (vne.qc, qc=withhold): {q['refused']} of {q['slices']} slices refused "
+        lines += [f"Quality guard (vne.runtime.qc, qc=withhold): {q['refused']} of {q['slices']} slices refused "
                   f"({100 * q['refusal_rate']:.1f} %); refused slices are missing from every figure below, not counted as correct.", ""]
         lines += [f"- {r}" for r in q["reasons"][:20]] + ([""] if q["reasons"] else [])
     lines += ["## Lesion burden agreement (per patient)", "",
@@ -285,7 +285,7 @@ def write_report(metrics: dict, results: list[SliceResult], out_dir: Path, title
             lines.append(f"| {name} | " + " | ".join(cells) + f" | {a['ssim_heart']:.3f} |")
     lines += ["", "## Figures", "", "| file | what |", "| --- | --- |"]
     lines += [f"| [{k}]({k}) | {v} |" for k, v in figs.items()]
-    lines += ["", "## Definitions", "", "See `vne/stats.py` and `vne/quantify.py` docstrings: ICC(A,1) is two-way, absolute agreement, "
+    lines += ["", "## Definitions", "", "See `vne/evaluation/stats.py` and `vne/evaluation/quantify.py` docstrings: ICC(A,1) is two-way, absolute agreement, "
               "single measure (McGraw & Wong case 2A); Bland–Altman limits are bias ± 1.96 SD; burden = lesion area / "
               "myocardium area over all slices of a patient, the myocardium taken "
               f"{metrics.get('contour_margin_px', quantify.CONTOUR_MARGIN_PX)} pixel(s) inside its borders (contour margin, "

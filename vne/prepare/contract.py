@@ -26,8 +26,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .exam import InputError
-from .geometry import resample_cycle
+from ..errors import InputError
+from ..exam.geometry import resample_cycle
 
 CONTRACT_KEY = "vne_contract"
 INPUT_NAMES = ("cine", "ir", "ir_ti_ms", "t1_map_ms")
@@ -53,7 +53,7 @@ class ModelContract:
     model_version: str = "0.0.0"
     training_data: dict = field(default_factory=dict)
     # What the training data spanned (filled at export from the cache; empty/None: not recorded).
-    # The runtime guard (vne.qc) refuses slices outside them.
+    # The runtime guard (vne.runtime.qc) refuses slices outside them.
     trained_field_strengths_t: tuple[float, ...] = ()
     trained_ti_range_ms: tuple[float, float] | None = None
 

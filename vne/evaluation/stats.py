@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import ndimage, stats
 
-from .exam import InputError
+from ..errors import InputError
 
 FALSE_POSITIVE_BURDEN = 0.02
 

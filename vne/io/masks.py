@@ -1,6 +1,6 @@
 """Evaluation masks for real data: myocardium, remote and blood pool (and lesion) per T1 map, from files.
 
-The evaluation (:mod:`vne.evaluate`) needs, for every T1 map, three masks on the T1 map's grid:
+The evaluation (:mod:`vne.evaluation.analysis`) needs, for every T1 map, three masks on the T1 map's grid:
 the **myocardium**, a **remote**-myocardium ROI and an LV **blood-pool** ROI; a **lesion** mask
 is optional (it gives the "truth" burden and, when every slice of a patient has one, whether
 the patient is lesion-free), and so are the LGE's own contours (``lge_myocardium``,
@@ -17,8 +17,8 @@ Formats
   (when ``sform_code > 0``), else the qform (``qform_code > 0``), as nibabel does; files with
   neither are refused. NIfTI world coordinates are RAS+, DICOM's are LPS+: x and y change sign.
   The mask may be 2D or a 3D stack: the voxel axis closest to the T1 map's normal is the slice
-  axis, the slice nearest to the T1 plane that passes :func:`vne.geometry.planes_match` is
-  taken and resampled onto the T1 grid nearest-neighbour (:func:`vne.geometry.resample_to_grid`,
+  axis, the slice nearest to the T1 plane that passes :func:`vne.exam.geometry.planes_match` is
+  taken and resampled onto the T1 grid nearest-neighbour (:func:`vne.exam.geometry.resample_to_grid`,
   identity when the grids agree). Spatial units other than mm (``xyzt_units``) are converted.
 - **DICOM-SEG** (Segmentation Storage, BINARY or FRACTIONAL; any file name, one object per
   study or several). Segments are found by SegmentLabel (then SegmentDescription, then the
@@ -26,7 +26,7 @@ Formats
   configurable names (:data:`DEFAULT_NAMES`). Frames are mapped to a T1 map by the
   ReferencedSOPInstanceUID of their DerivationImageSequence / SourceImageSequence; when no
   frame references the T1 map, by plane position and orientation (same FrameOfReferenceUID,
-  the :func:`vne.geometry.planes_match` rule, the nearest plane wins). A segment without a
+  the :func:`vne.exam.geometry.planes_match` rule, the nearest plane wins). A segment without a
   frame on a covered T1 map is empty (writers omit empty frames).
 
 A pixel belongs to a mask when its value is at least ``threshold`` (0.5): binary masks may be
@@ -72,8 +72,9 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from .exam import Geometry, InputError, MRImage, Role
-from .geometry import (centre_from_first_pixel, first_pixel_from_centre, pixel_centres_mm, plane_distance_mm, planes_match,
+from ..errors import InputError
+from ..exam.data import Geometry, MRImage, Role
+from ..exam.geometry import (centre_from_first_pixel, first_pixel_from_centre, pixel_centres_mm, plane_distance_mm, planes_match,
                        resample_to_grid)
 
 log = logging.getLogger(__name__)
@@ -485,7 +486,7 @@ def nifti_on_grid(img: NiftiImage, target: Geometry) -> np.ndarray:
 
     Raises:
         InputError: the volume is oblique to the target plane, sheared, or no slice of it lies
-            in the target plane (:func:`vne.geometry.planes_match`).
+            in the target plane (:func:`vne.exam.geometry.planes_match`).
     """
     m = LPS_FROM_RAS @ img.affine[:3, :3]
     t = LPS_FROM_RAS @ img.affine[:3, 3]
@@ -791,9 +792,9 @@ def seg_masks(segs: Sequence[DicomSeg], t1: MRImage, names=None, threshold: floa
 def t1_slice_order(images: Iterable[MRImage]) -> list[MRImage]:
     """The distinct T1 maps of one exam in slice-index order (``s0, s1, ...``).
 
-    Order: (SeriesNumber, SeriesInstanceUID, InstanceNumber, file) as :func:`vne.dicom_io.read_dicom_folder`
+    Order: (SeriesNumber, SeriesInstanceUID, InstanceNumber, file) as :func:`vne.io.dicom.read_dicom_folder`
     sorts an exam; a repeated T1 map (same series and position) counts once, as in
-    :func:`vne.slices.build_slices`.
+    :func:`vne.prepare.slices.build_slices`.
     """
     def num(im, key):
         try:

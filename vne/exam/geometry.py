@@ -13,7 +13,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from .exam import Geometry, InputError
+from ..errors import InputError
+from .data import Geometry
 
 MATCH_MIN_ABS_COS = 0.9
 MATCH_MAX_DISTANCE_MM = 4.0

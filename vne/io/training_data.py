@@ -2,8 +2,8 @@
 
 Written by the simulator (``vne simulate``) and by the real-DICOM matching pipeline; read by
 ``training/dataset.py``. Both sources fill it through :func:`write_slice`, after the same
-matching and resampling code the gadget uses (:mod:`vne.slices`, :mod:`vne.geometry`) and the
-same input shaping (:func:`vne.contract.model_inputs`), so training sees exactly what the
+matching and resampling code the gadget uses (:mod:`vne.prepare.slices`, :mod:`vne.exam.geometry`) and the
+same input shaping (:func:`vne.prepare.contract.model_inputs`), so training sees exactly what the
 gadget will feed the model.
 
 Layout of ``DIR``:
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .exam import InputError
+from ..errors import InputError
 
 CACHE_VERSION = 1
 ARRAY_KEYS = ("cine", "ir", "ir_ti_ms", "t1_map_ms", "lge", "lge_clean", "myocardium", "blood_pool", "remote", "lesion", "pixel_spacing_mm")
