@@ -86,8 +86,9 @@ def test_infer_without_any_vne_says_why(model, tmp_path, capsys):
     header, images = H.sim_stream()
     cine_only = tmp_path / "cine.h5"
     write_mrd_file(cine_only, header, [i for i in images if i.image_series_index == 1])
-    assert main(["infer", str(cine_only), "--out", str(tmp_path / "o.h5"), "--model", model]) == 1
-    assert "no T1 map in this stream" in capsys.readouterr().err
+    assert main(["infer", str(cine_only), "--out", str(tmp_path / "o.h5"), "--model", model]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vne infer: error: no VNE image made") and "no T1 map in this stream" in err
 
 
 def test_default_model_is_the_newest_vne_sim_file(tmp_path, monkeypatch):

@@ -21,6 +21,7 @@ ort = pytest.importorskip("onnxruntime")
 from vne.prepare.contract import CONTRACT_KEY, ModelContract  # noqa: E402
 from vne.io.training_data import MASK_KEYS, read_index, write_index, write_slice  # noqa: E402
 
+from training.checkpoint import load_checkpoint  # noqa: E402
 from training.dataset import VNEDataset, normalise_target, split_entries, split_patients  # noqa: E402
 from training.networks import VNEGenerator, count_macs, count_params, robust_scale  # noqa: E402
 
@@ -220,8 +221,8 @@ def test_train_resume_and_time_budget(cache, tmp_path):
         assert (out / name).is_file(), name
     assert sorted(p.name for p in (out / "panels").glob("*.png")) == ["step_0000002.png", "step_0000004.png"]
     # resuming restored weights, optimisers, schedulers and data order: same weights as uninterrupted
-    a = torch.load(tmp_path / "ref" / "latest.pt", weights_only=False)["generator"]
-    b = torch.load(out / "latest.pt", weights_only=False)["generator"]
+    a = load_checkpoint(tmp_path / "ref" / "latest.pt")["generator"]
+    b = load_checkpoint(out / "latest.pt")["generator"]
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6), k
     split = json.loads((out / "split.json").read_text())

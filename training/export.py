@@ -35,6 +35,7 @@ import torch
 from vne import __version__ as vne_version
 from vne.prepare.contract import CONTRACT_KEY, INPUT_NAMES, OUTPUT_NAME, SHMOLLI_NOMINAL_TI_MS, ModelContract
 
+from .checkpoint import load_checkpoint
 from .networks import VNEGenerator, generator_from_checkpoint
 
 OPSET = 18
@@ -180,7 +181,7 @@ def export(checkpoint: str | Path, out_path: str | Path, fp16: bool = False, *, 
     import onnx
 
     checkpoint, out_path = Path(checkpoint), Path(out_path)
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    state = load_checkpoint(checkpoint)
     generator = generator_from_checkpoint(state)
     contract = _contract(state, generator, model_name, model_version)
     body = VNEGenerator(generator.config).eval()

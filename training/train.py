@@ -48,6 +48,7 @@ from vne.io.training_data import read_index
 
 from . import CONFIG_DIR
 from .augment import augment_batch
+from .checkpoint import load_checkpoint
 from .dataset import VNEDataset, data_summary, split_entries, usable_entries
 from .losses import GeneratorObjective, d_loss, heart_weight_map, ssim, weighted_l1
 from .networks import (
@@ -477,7 +478,7 @@ def train(config: dict, resume: bool = False) -> dict:
 
     step, best = 0, {"metric": scfg["best_metric"], "value": None, "step": None}
     if resume and latest.is_file():
-        state = torch.load(latest, map_location=rt.device, weights_only=False)
+        state = load_checkpoint(latest, map_location=rt.device)
         if state["config"].get("model") != cfg["model"]:
             log.warning("resuming with a different model section than the checkpoint's; weights may not load")
         generator.load_state_dict(state["generator"])
@@ -497,7 +498,7 @@ def train(config: dict, resume: bool = False) -> dict:
         if resume and rt.main:
             log.info("no checkpoint in %s, starting a new run", run_dir)
         if cfg.get("init_from"):
-            init = torch.load(cfg["init_from"], map_location=rt.device, weights_only=False)
+            init = load_checkpoint(cfg["init_from"], map_location=rt.device, require=("generator", "discriminator"))
             generator.load_state_dict(init["generator"])
             discriminator.load_state_dict(init["discriminator"])
             if rt.main:
@@ -523,7 +524,7 @@ def train(config: dict, resume: bool = False) -> dict:
             "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
             "sched_g": sched_g.state_dict(), "sched_d": sched_d.state_dict(), "scaler": scaler.state_dict(),
             "step": step, "best": best, "config": cfg, "rng": _rng_state(), "data_summary": summary_data,
-            "versions": {"vne": vne_version, "torch": torch.__version__},
+            "versions": {"vne": vne_version, "torch": str(torch.__version__)},
         }, path)
 
     def run_validation() -> None:

@@ -73,6 +73,8 @@ def run(args) -> int:
     model = args.model or find_default_model()
     if model is None:
         raise InputError("no shipped model found (models/vne-sim-*.onnx); pass --model")
+    if not Path(model).is_file():  # before the 8 s of simulation
+        raise InputError(f"--model {model} does not exist")
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     case = simulate_case(DEMO_SEED, DEMO_CASE)

@@ -126,6 +126,34 @@ def _ablation_summary(metrics: dict) -> dict:
     return out
 
 
+def _check_arguments(args, model: Path) -> None:
+    """Every argument problem before any model runs: one line each (InputError)."""
+    if not args.exams.exists():
+        raise InputError(f"--exams {args.exams} does not exist")
+    if not args.exams.is_dir():
+        raise InputError(f"--exams {args.exams} is not a folder")
+    for flag, path in (("--masks", args.masks), ("--lesion-free-csv", args.lesion_free_csv)):
+        if path is not None and not path.exists():
+            raise InputError(f"{flag} {path} does not exist")
+    if args.masks is None and not (args.exams / "cases.json").is_file():
+        raise InputError(f"{args.exams} is not a `vne simulate` output (no cases.json); for DICOM exams pass --masks")
+    if args.masks is not None and args.group:
+        raise InputError("--group is for ISMRMRD exams; with --masks the exams are DICOM")
+    if args.contour_margin_px is not None and args.contour_margin_px < 0:
+        raise InputError(f"--contour-margin-px must be >= 0, got {args.contour_margin_px}")
+    if args.max_cases is not None and args.max_cases < 1:
+        raise InputError(f"--max-cases must be at least 1, got {args.max_cases}")
+    models = [("--model", Path(model))]
+    for spec in args.ablation:
+        name, _, path = spec.partition("=")
+        if not name or not path:
+            raise InputError(f"--ablation wants NAME=MODEL, got '{spec}'")
+        models.append((f"--ablation {name}", Path(path)))
+    for flag, path in models:
+        if not path.is_file():
+            raise InputError(f"{flag} {path} does not exist")
+
+
 def run(args) -> int:
     from ..evaluation.analysis import evaluate, write_report
     from ..runtime.model import find_default_model
@@ -133,17 +161,13 @@ def run(args) -> int:
     model = args.model or find_default_model()
     if model is None:
         raise InputError("no model given and no shipped model found in models/")
+    _check_arguments(args, model)
 
     def gather(m: Path, desc: str):
         if args.masks is not None:
             from ..evaluation.collect_dicom import collect_dicom
 
-            if args.group:
-                raise InputError("--group is for ISMRMRD exams; with --masks the exams are DICOM")
-
             return collect_dicom(args.exams, args.masks, m, lesion_free_csv=args.lesion_free_csv), {"source": "dicom"}
-        if not (args.exams / "cases.json").is_file():
-            raise InputError(f"{args.exams} is not a `vne simulate` output (no cases.json); for DICOM exams pass --masks")
         return collect(args.exams, m, args.max_cases, desc=desc, group=args.group)
 
     results, doc = gather(model, "evaluate")
@@ -152,8 +176,6 @@ def run(args) -> int:
     from ..evaluation.quantify import CONTOUR_MARGIN_PX
 
     margin = CONTOUR_MARGIN_PX if args.contour_margin_px is None else args.contour_margin_px
-    if margin < 0:
-        raise InputError(f"--contour-margin-px must be >= 0, got {margin}")
     metrics = evaluate(results, margin)
     metrics["model"] = str(model)
     metrics["exams"] = {"folder": str(args.exams), "seed": doc.get("seed"), "simulator_version": doc.get("simulator_version"),
@@ -163,8 +185,6 @@ def run(args) -> int:
     ablations = {}
     for spec in args.ablation:
         name, _, path = spec.partition("=")
-        if not path:
-            raise InputError(f"--ablation wants NAME=MODEL, got '{spec}'")
         res_a, _ = gather(Path(path), f"ablation {name}")
         m = evaluate(res_a, margin)
         ablations[name] = _ablation_summary(m)

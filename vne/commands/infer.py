@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -89,9 +88,8 @@ def run(args) -> int:
             raise InputError(f"--group is for ISMRMRD .h5 input, and {src} is a folder")
         n_vne, n_in, problems, where = _infer_dicom(src, args.out, config, model)
     dt = time.perf_counter() - t0
-    if n_vne == 0:
-        print(f"vne infer: no VNE image made from {n_in} input images: {_summary(problems)}", file=sys.stderr)
-        return 1
+    if n_vne == 0:  # nothing usable in the input: a user error, as in `vne prepare` and `vne t1map`
+        raise InputError(f"no VNE image made from {n_in} input images: {_summary(problems)}")
     print(f"vne infer: {n_vne} VNE image(s) from {n_in} input images with {model.name} {model.version} -> {where} "
           f"in {dt:.1f} s ({_summary(problems)})")
     return 0

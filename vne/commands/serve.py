@@ -32,10 +32,12 @@ import struct
 import sys
 import threading
 import time
+from pathlib import Path
 
 from ..runtime import mrd_server
 from ..io.framing import ListenerClosed, accept_once
 from ..errors import InputError
+from .args import port_number
 
 NAME = "serve"
 HELP = ("serve the VNE gadget for Gadgetron <external><connect port=.../>, or for MRD clients with --protocol mrd "
@@ -54,7 +56,7 @@ def add_arguments(p) -> None:
     p.add_argument("--protocol", choices=("gadgetron", "mrd"), default="gadgetron",
                    help="gadgetron: Gadgetron external-gadget connections (default); mrd: MRD streaming clients "
                         "(python-ismrmrd-server client.py, FIRE/OpenRecon), config name 'vne'")
-    p.add_argument("--port", type=int, default=None,
+    p.add_argument("--port", type=port_number, default=None,
                    help=f"port (default {DEFAULT_PORT} for gadgetron, {MRD_DEFAULT_PORT} for mrd; 0 picks a free one)")
     p.add_argument("--model", default=None, help="ONNX model (default: newest models/vne-sim-*.onnx, checked against "
                                                  "models/manifest.json)")
@@ -247,6 +249,8 @@ def run(args) -> int:
     from ..runtime.pipeline import PipelineConfig
     from .infer import parse_properties
 
+    if args.model and not Path(args.model).is_file():  # a named model must exist; a refused one serves pass-through
+        raise InputError(f"--model {args.model} does not exist")
     protocol = getattr(args, "protocol", "gadgetron") or "gadgetron"
     mrd_options = _mrd_options(args) if protocol == "mrd" else None
     read_timeout = getattr(args, "read_timeout", None)

@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 from ..errors import InputError
+from .args import port_number
 
 NAME = "stream"
 HELP = "send an ISMRMRD file to a Gadgetron / vne serve endpoint and save what comes back (integration testing)"
@@ -45,7 +46,7 @@ def add_arguments(p) -> None:
     p.add_argument("--protocol", choices=("gadgetron", "mrd"), default="gadgetron",
                    help="gadgetron: the Gadgetron / ISMRMRD protocol (default); mrd: an MRD streaming client "
                         "(python-ismrmrd-server, OpenRecon) for `vne serve --protocol mrd`")
-    p.add_argument("--port", type=int, required=True,
+    p.add_argument("--port", type=port_number, required=True,
                    help="server port (vne serve: 18000; gadgetron and vne serve --protocol mrd: 9002)")
     p.add_argument("--config", default=None,
                    help="gadgetron: config file to send as text, XML text, or a config name; mrd: the config name "
