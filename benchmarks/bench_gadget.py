@@ -29,9 +29,11 @@ the default configuration) for timing only; it needs torch, the gadget itself ne
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import re
 import resource
+import shutil
 import socket
 import statistics
 import subprocess
@@ -211,6 +213,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     tmp = Path(tempfile.mkdtemp(prefix="vne-bench-"))
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
     exam = args.exam or make_exam(tmp)
     model = args.model or make_model(args.make_model, tmp)
     header, images = read_mrd_file(exam)

@@ -34,7 +34,7 @@ def files(tmp_path_factory) -> dict[str, str]:
     shutil.copytree(series[0], t1_only / series[0].name)
     (d / "empty").mkdir()
     return {"junk": str(junk), "t1_only": str(t1_only), "empty": str(d / "empty"), "h5": str(H.sim_h5()),
-            "missing": str(d / "missing"), "out": str(d / "out")}
+            "missing": str(d / "missing"), "out": str(d / "out"), "dir": str(d)}
 
 
 # (command, arguments, words the error line must contain, only line on stderr?)
@@ -75,7 +75,7 @@ def test_user_error_is_one_line_and_exit_2(files, cmd, argv, words, only_line):
     args = [a.format(**files) for a in argv]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     r = subprocess.run([sys.executable, "-m", "vne.cli", cmd, *args], capture_output=True, text=True, timeout=120,
-                       env=env, cwd=files["out"] if os.path.isdir(files["out"]) else None)
+                       env=env, cwd=files["dir"])
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2, r.stderr[-2000:]
     assert "Traceback" not in r.stderr, r.stderr[-2000:]

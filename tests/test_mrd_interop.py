@@ -22,7 +22,7 @@ AcquisitionTime (our simulator's DICOM has none) leaves ``acquisition_time_stamp
 raising. With the header patched the same way, the original script converted
 ``ext_0/dicom`` to a file whose images (headers, meta, pixels) this port reproduces.
 
-No mocks: the real CLI, the shared external exam (skipped when absent; ``VNE_SHARED_DATA``),
+No mocks: the real CLI, the shared external exam (``VNE_SHARED_DATA``; a failure when absent),
 the simulated exam of :mod:`vne_helpers`, and a tiny random ONNX generator.
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ import pydicom
 import pytest
 
 import vne_helpers as H
-from conftest import shared_data_dir
+from conftest import shared_data
 from vne.io import mrd as mrd_io
 from vne.cli import main
 from vne.errors import InputError
@@ -67,10 +67,7 @@ def model() -> str:
 
 @pytest.fixture(scope="module")
 def ext0() -> Path:
-    d = shared_data_dir() / "external-exams" / "ext_0"
-    if not (d / "exam.h5").is_file() or not (d / "dicom").is_dir():
-        pytest.skip(f"external exam not found at {d} (set VNE_SHARED_DATA)")
-    return d
+    return shared_data("external-exams/ext_0", "exam.h5", "dicom")
 
 
 # ------------------------------------------------------------------------------ dicom2mrd.py port
@@ -283,9 +280,7 @@ def test_every_image_group_is_read_whatever_its_name(tmp_path):
 @pytest.mark.parametrize("source", ["sim", "ext_0"])
 def test_dicom2mrd_file_gives_the_same_vne_as_the_dicom_folder(model, source, tmp_path):
     if source == "ext_0":
-        d = shared_data_dir() / "external-exams" / "ext_0" / "dicom"
-        if not d.is_dir():
-            pytest.skip(f"external exam not found at {d}")
+        d = shared_data("external-exams/ext_0/dicom")
     else:
         d = H.sim_dicom()
     f = dicom2mrd(d, tmp_path / "d2m.h5")

@@ -14,6 +14,7 @@ module asks first:
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 from html import escape
@@ -30,6 +31,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 _TMP = Path(tempfile.mkdtemp(prefix="vne-test-"))
+# the shared simulated exam and models live for the test process only (about 40 MB)
+atexit.register(shutil.rmtree, _TMP, ignore_errors=True)
 
 
 @functools.lru_cache(maxsize=None)
