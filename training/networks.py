@@ -35,7 +35,7 @@ them.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
@@ -458,7 +458,3 @@ def generator_from_checkpoint(state: dict) -> VNEGenerator:
     g = VNEGenerator(GeneratorConfig.from_dict(state["config"].get("model")))
     g.load_state_dict(state["generator"])
     return g.eval()
-
-
-def config_dict(cfg: GeneratorConfig | DiscriminatorConfig) -> dict:
-    return asdict(cfg)

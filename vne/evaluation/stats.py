@@ -21,7 +21,7 @@
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage, stats
@@ -159,7 +159,3 @@ def false_positive_rate(reference_lesion_free, test_burden_fwhm, threshold: floa
     n = int(free.sum())
     fp = int(np.count_nonzero(free & (burden > threshold)))
     return (fp / n if n else float("nan")), fp, n
-
-
-def as_dict(obj) -> dict:
-    return asdict(obj)
