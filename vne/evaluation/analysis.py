@@ -78,8 +78,10 @@ def _agreement(ref: np.ndarray, test: np.ndarray) -> dict:
     reg = stats.pearson_regression(ref, test)
     icc = stats.icc_a1(np.stack([ref, test], 1))
     ba = stats.bland_altman(ref, test)
+    _, wilcoxon_p = stats.wilcoxon_signed_rank(ref, test)
     return {"r": reg.r, "p": reg.p, "slope": reg.slope, "intercept": reg.intercept,
-            "icc": icc.icc, "icc_ci": [icc.ci_low, icc.ci_high], "bias": ba.bias, "loa": [ba.loa_low, ba.loa_high], "n": reg.n}
+            "icc": icc.icc, "icc_ci": [icc.ci_low, icc.ci_high], "bias": ba.bias, "loa": [ba.loa_low, ba.loa_high],
+            "wilcoxon_p": wilcoxon_p, "n": reg.n}
 
 
 def _quality(img: np.ndarray, r: SliceResult, lge: bool) -> dict:
@@ -258,10 +260,11 @@ def write_report(metrics: dict, results: list[SliceResult], out_dir: Path, title
                   f"({100 * q['refusal_rate']:.1f} %); refused slices are missing from every figure below, not counted as correct.", ""]
         lines += [f"- {r}" for r in q["reasons"][:20]] + ([""] if q["reasons"] else [])
     lines += ["## Lesion burden agreement (per patient)", "",
-             "| comparison | r | slope | ICC(A,1) [95% CI] | bias | LoA |", "| --- | --- | --- | --- | --- | --- |"]
+             "| comparison | r | slope | ICC(A,1) [95% CI] | bias | LoA | Wilcoxon p |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, a in metrics["agreement"].items():
         lines.append(f"| {name} | {a['r']:.3f} | {a['slope']:.2f} | {a['icc']:.3f} [{a['icc_ci'][0]:.2f}, {a['icc_ci'][1]:.2f}] | "
-                     f"{a['bias'] * 100:+.1f}% | [{a['loa'][0] * 100:+.1f}, {a['loa'][1] * 100:+.1f}]% |")
+                     f"{a['bias'] * 100:+.1f}% | [{a['loa'][0] * 100:+.1f}, {a['loa'][1] * 100:+.1f}]% | {a['wilcoxon_p']:.3g} |")
     lines += ["", "## Mean burden", "", "| method | mean burden |", "| --- | --- |"]
     lines += [f"| {k} | {v * 100:.1f}% |" for k, v in metrics["burden_mean"].items()]
     fp = metrics["false_positive"]
@@ -286,7 +289,8 @@ def write_report(metrics: dict, results: list[SliceResult], out_dir: Path, title
     lines += ["", "## Figures", "", "| file | what |", "| --- | --- |"]
     lines += [f"| [{k}]({k}) | {v} |" for k, v in figs.items()]
     lines += ["", "## Definitions", "", "See `vne/evaluation/stats.py` and `vne/evaluation/quantify.py` docstrings: ICC(A,1) is two-way, absolute agreement, "
-              "single measure (McGraw & Wong case 2A); Bland–Altman limits are bias ± 1.96 SD; burden = lesion area / "
+              "single measure (McGraw & Wong case 2A); Bland–Altman limits are bias ± 1.96 SD; Wilcoxon p is the two-sided "
+              "signed-rank test of the paired per-patient burdens (zero differences dropped); burden = lesion area / "
               "myocardium area over all slices of a patient, the myocardium taken "
               f"{metrics.get('contour_margin_px', quantify.CONTOUR_MARGIN_PX)} pixel(s) inside its borders (contour margin, "
               "docs/evaluation.md)."]
