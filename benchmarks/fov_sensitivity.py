@@ -29,8 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vne.io import mrd as mrd_io  # noqa: E402
 from vne.commands.evaluate import slice_index_by_position  # noqa: E402
-from vne.prepare.contract import model_inputs  # noqa: E402
-from vne.evaluation.analysis import normalise  # noqa: E402
+from vne.prepare.contract import model_inputs, normalise_psir  # noqa: E402
 from vne.runtime.model import VNEModel  # noqa: E402
 from vne.evaluation.quantify import LGE_LEVELS, VNE_ADJUSTED_LEVELS, patient_burden, quantify_slice  # noqa: E402
 from vne.prepare.slices import build_slices, on_t1_grid  # noqa: E402
@@ -71,9 +70,9 @@ def main() -> int:
             full = model.predict(x)[0]
             window = np.zeros_like(full)
             window[rows, cols] = model.predict(x_win)[0]
-            gaps.append(float(np.abs(normalise(full, remote, blood) - normalise(window, remote, blood))[myo].mean()))
+            gaps.append(float(np.abs(normalise_psir(full, remote, blood) - normalise_psir(window, remote, blood))[myo].mean()))
             b = burden[case["patient_id"]]
-            b["lge"].append(quantify_slice(normalise(truth[f"s{k}_lge_clean"], remote, blood), myo, remote, blood, LGE_LEVELS))
+            b["lge"].append(quantify_slice(normalise_psir(truth[f"s{k}_lge_clean"], remote, blood), myo, remote, blood, LGE_LEVELS))
             b["full"].append(quantify_slice(full, myo, remote, blood, VNE_ADJUSTED_LEVELS))
             b["window"].append(quantify_slice(window, myo, remote, blood, VNE_ADJUSTED_LEVELS))
 

@@ -6,6 +6,7 @@ import pytest
 
 from vne.io import mrd as mrd_io
 from vne.exam.data import Role
+from vne.exam.roles import meta_text
 from vne.exam.geometry import planes_match
 from vne.simulate.case import simulate_case
 from vne.prepare.slices import build_slices
@@ -56,7 +57,7 @@ def test_ismrmrd_series_and_meta_follow_conventions(sim_set):
             if im.role in (Role.IR_MAGNITUDE, Role.IR_PHASE):
                 assert im.inversion_time_ms and im.inversion_time_ms > 50
                 if "ImageComments" in meta:
-                    assert "TIeff" in mrd_io.meta_text(meta, "ImageComments")
+                    assert "TIeff" in meta_text(meta, "comments")
             if im.role == Role.IR_PHASE:
                 assert m.image_type == 2 and np.abs(im.pixels).max() <= np.pi + 1e-5
         # one series per scan

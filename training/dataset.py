@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import Dataset
 
 from vne.io.training_data import MASK_KEYS, read_index, read_slice
+from vne.prepare.contract import normalise_psir
 
 SPLITS = ("train", "val", "test")
 TARGET_KEYS = ("lge", "lge_clean")
@@ -159,7 +160,7 @@ def normalise_target(
         r = float(lge[remote.astype(bool)].mean())
         b = float(lge[blood_pool.astype(bool)].mean())
         if b - r > min_contrast * spread:
-            return (lge - r) / (b - r), "masks"
+            return normalise_psir(lge, remote.astype(bool), blood_pool.astype(bool)), "masks"
     lo, hi = np.percentile(lge, percentiles)
     return (lge - lo) / max(float(hi - lo), 1e-6 * spread, 1e-6), "percentiles"
 

@@ -41,6 +41,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from vne.prepare.contract import N_CINE_FRAMES, N_IR_IMAGES
+
 # T1 normalisation: (T1 - T1_CENTRE_MS) / T1_SCALE_MS, clipped. Native myocardium (960-1170 ms)
 # maps near 0, blood (1550-2000 ms) to 1.1-2; the clip keeps air and fit failures bounded.
 T1_CENTRE_MS = 1000.0
@@ -240,8 +242,8 @@ class UNetStream(nn.Module):
 class GeneratorConfig:
     """Hyper-parameters of :class:`VNEGenerator` (stored in checkpoints as a dict)."""
 
-    n_cine_frames: int = 25
-    n_ir_images: int = 7
+    n_cine_frames: int = N_CINE_FRAMES
+    n_ir_images: int = N_IR_IMAGES
     base_channels: int = 16      # channels of each stream's first level (doubling per pooling)
     depth: int = 3               # poolings per stream after the first downsampling (pad multiple 2**(depth+1))
     norm: str = "batch"          # normalisation inside the streams and fusion block (see NORMS; why batch: make_norm)
@@ -366,7 +368,7 @@ class PatchDiscriminator(nn.Module):
 class DiscriminatorConfig:
     """Hyper-parameters of :class:`VNEDiscriminator`."""
 
-    n_ir_images: int = 7
+    n_ir_images: int = N_IR_IMAGES
     base_channels: int = 32
     n_layers: int = 3
     num_scales: int = 1          # >1: multi-scale (pix2pixHD), each scale on a 2× average-pooled input

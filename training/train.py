@@ -44,6 +44,7 @@ from tqdm import tqdm
 
 from vne import __version__ as vne_version
 from vne.errors import InputError
+from vne.io.atomic import atomic_path
 from vne.io.training_data import read_index
 
 from . import CONFIG_DIR
@@ -238,9 +239,8 @@ def _set_rng_state(state: dict) -> None:
 
 
 def _atomic_save(obj: dict, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _append_csv(path: Path, columns: list[str], row: dict) -> None:

@@ -30,7 +30,8 @@ def _figure(case, results, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..evaluation.analysis import heart_mask, normalise
+    from ..evaluation.analysis import heart_mask
+    from ..prepare.contract import normalise_psir
     from ..exam.data import Role
     from ..prepare.slices import build_slices, on_t1_grid
 
@@ -43,8 +44,8 @@ def _figure(case, results, path: Path) -> Path:
         truth = case.truth[t1_pos.index(pos)]
         ii, jj = np.nonzero(heart_mask(truth.myocardium, 14))
         win = (slice(ii.min(), ii.max() + 1), slice(jj.min(), jj.max() + 1))
-        lge = normalise(lge_by_pos[pos], truth.lge_remote, truth.lge_blood_pool)
-        vne = normalise(r.vne, truth.remote, truth.blood_pool)
+        lge = normalise_psir(lge_by_pos[pos], truth.lge_remote, truth.lge_blood_pool)
+        vne = normalise_psir(r.vne, truth.remote, truth.blood_pool)
         axes[row, 0].imshow(np.asarray(r.t1.pixels)[win], cmap="viridis", vmin=600, vmax=2000 if case.field_t < 2 else 2300)
         axes[row, 1].imshow(vne[win], cmap="gray", vmin=-0.4, vmax=1.6)
         axes[row, 2].imshow(lge[win], cmap="gray", vmin=-0.4, vmax=1.6)

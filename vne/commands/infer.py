@@ -15,13 +15,13 @@ The study cache is off unless ``--cache-dir`` is given (a file holds the whole s
 """
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
 from ..errors import InputError
+from ..io.atomic import move_into
 
 NAME = "infer"
 HELP = "run VNE on an ISMRMRD file (.h5 -> .h5 with the VNE series) or a DICOM folder (-> VNE DICOM series)"
@@ -155,11 +155,7 @@ def _infer_dicom(src: Path, out: Path, config, model):
                          series_uid=r0.series_uid, series_description=r0.description, rescale=rescale)
             folders.append(folder.name)
         out.mkdir(parents=True, exist_ok=True)
-        for name in folders:
-            dest = out / name
-            if dest.exists():
-                shutil.rmtree(dest)
-            os.replace(tmp_root / name, dest)
+        move_into(tmp_root, out)
     finally:
         shutil.rmtree(tmp_root, ignore_errors=True)
     n = sum(len(v) for v in series.values())

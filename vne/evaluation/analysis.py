@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from ..prepare.contract import normalise_psir
 from . import quantify, stats
 
 THRESHOLDS = tuple(quantify.LGE_LEVELS)
@@ -54,12 +55,6 @@ class SliceResult:
         return self.lge_myocardium, self.lge_blood_pool, self.lge_remote
 
 
-def normalise(img: np.ndarray, remote: np.ndarray, blood: np.ndarray) -> np.ndarray:
-    """``(x - mean_remote) / (mean_blood - mean_remote)``."""
-    lo, hi = float(img[remote].mean()), float(img[blood].mean())
-    return (img - lo) / (hi - lo if abs(hi - lo) > 1e-9 else 1.0)
-
-
 def heart_mask(myocardium: np.ndarray, dilate_px: int = 3) -> np.ndarray:
     """The LV: myocardium with its cavity filled, dilated a little."""
     filled = ndimage.binary_fill_holes(myocardium)
@@ -86,14 +81,14 @@ def _agreement(ref: np.ndarray, test: np.ndarray) -> dict:
 
 def _quality(img: np.ndarray, r: SliceResult, lge: bool) -> dict:
     _, blood, remote = r.lge_masks() if lge else (r.myocardium, r.blood_pool, r.remote)
-    n = normalise(img, remote, blood)
+    n = normalise_psir(img, remote, blood)
     sd_remote = float(n[remote].std())
     return {"cnr": float((n[blood].mean() - n[remote].mean()) / max(sd_remote, 1e-6)), "remote_var": sd_remote ** 2}
 
 
 def _normalised_lge(r: SliceResult) -> np.ndarray:
     _, blood, remote = r.lge_masks()
-    return normalise(r.lge, remote, blood)
+    return normalise_psir(r.lge, remote, blood)
 
 
 def evaluate(results: list[SliceResult], margin_px: int = quantify.CONTOUR_MARGIN_PX) -> dict:
@@ -140,7 +135,7 @@ def evaluate(results: list[SliceResult], margin_px: int = quantify.CONTOUR_MARGI
     for r in results:
         hm = heart_mask(r.myocardium)
         ref = _normalised_lge(r)
-        test = normalise(r.vne, r.remote, r.blood_pool)
+        test = normalise_psir(r.vne, r.remote, r.blood_pool)
         ssim.append(stats.ssim_in_mask(ref, test, hm))
         psnr.append(stats.psnr_in_mask(ref, test, hm))
     out["ssim_heart"] = {"mean": float(np.mean(ssim)), "sd": float(np.std(ssim))}
@@ -160,9 +155,9 @@ def evaluate(results: list[SliceResult], margin_px: int = quantify.CONTOUR_MARGI
             continue
         q = {"n_slices": len(sel)}
         for name, img_of, norm_of in (("LGE", lambda r: r.lge, _normalised_lge),
-                                      ("VNE", lambda r: r.vne, lambda r: normalise(r.vne, r.remote, r.blood_pool))):
+                                      ("VNE", lambda r: r.vne, lambda r: normalise_psir(r.vne, r.remote, r.blood_pool))):
             qs = [_quality(img_of(r), r, lge=name == "LGE") for r in sel]
-            agree = [stats.ssim_in_mask(normalise(r.lge_clean, r.remote, r.blood_pool), norm_of(r), heart_mask(r.myocardium)) for r in sel]
+            agree = [stats.ssim_in_mask(normalise_psir(r.lge_clean, r.remote, r.blood_pool), norm_of(r), heart_mask(r.myocardium)) for r in sel]
             q[name] = {"cnr_blood_myocardium": float(np.median([x["cnr"] for x in qs])),
                        "remote_variance": float(np.median([x["remote_var"] for x in qs])),
                        "ssim_vs_artefact_free_lge": float(np.mean(agree))}
@@ -213,7 +208,7 @@ def _fig_panels(results: list[SliceResult], path: Path, n: int = 6, margin_px: i
     for c, r in enumerate(chosen):
         ii, jj = np.nonzero(heart_mask(r.myocardium, 12))
         win = (slice(ii.min(), ii.max() + 1), slice(jj.min(), jj.max() + 1))
-        vne_n = normalise(r.vne, r.remote, r.blood_pool)
+        vne_n = normalise_psir(r.vne, r.remote, r.blood_pool)
         lge_n = _normalised_lge(r)
         axes[0, c].imshow(r.t1_map_ms[win], cmap="viridis", vmin=700, vmax=1700 if np.median(r.t1_map_ms[r.remote]) < 1100 else 2000)
         axes[1, c].imshow(vne_n[win], cmap="gray", vmin=-0.5, vmax=1.5)
@@ -221,7 +216,7 @@ def _fig_panels(results: list[SliceResult], path: Path, n: int = 6, margin_px: i
         for row, (img, levels, (myo, blood, remote)) in ((3, (r.vne, quantify.VNE_ADJUSTED_LEVELS, (r.myocardium, r.blood_pool, r.remote))),
                                                           (4, (r.lge, quantify.LGE_LEVELS, r.lge_masks()))):
             masks = quantify.lesion_masks(img, myo, remote, blood, levels, margin_px)
-            axes[row, c].imshow(normalise(img, remote, blood)[win], cmap="gray", vmin=-0.5, vmax=1.5)
+            axes[row, c].imshow(normalise_psir(img, remote, blood)[win], cmap="gray", vmin=-0.5, vmax=1.5)
             over = np.zeros(masks["FWEM"].shape + (4,))
             for name in ("FWEM", "FWQM", "FWHM"):
                 over[masks[name]] = colours[name]

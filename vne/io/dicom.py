@@ -39,6 +39,7 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, PYDICOM_IMPLEMEN
 from ..errors import InputError
 from ..exam.data import Exam, Geometry, MRImage, Role
 from ..exam.geometry import centre_from_first_pixel, first_pixel_from_centre
+from .atomic import move_into
 from ..exam.roles import DEFAULT_RULES, RoleRules, classify, inversion_time_from_meta, rendering_reason, t1_scale_from_meta
 
 log = logging.getLogger(__name__)
@@ -470,12 +471,7 @@ def write_series(
             name = f"IM-{int(series_number):04d}-{i:04d}.dcm"
             ds.save_as(tmp / name, enforce_file_format=True)
             names.append(name)
-        if not folder.exists():
-            os.replace(tmp, folder)
-        else:
-            for name in names:
-                os.replace(tmp / name, folder / name)
-            shutil.rmtree(tmp, ignore_errors=True)
+        move_into(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -75,7 +75,7 @@ import numpy as np
 from ..errors import InputError
 from ..exam.data import Geometry, MRImage, Role
 from ..exam.geometry import (centre_from_first_pixel, first_pixel_from_centre, pixel_centres_mm, plane_distance_mm, planes_match,
-                       resample_to_grid)
+                              resample_to_grid, same_plane)
 
 log = logging.getLogger(__name__)
 
@@ -686,10 +686,6 @@ def read_dicom_seg(path, ds=None) -> DicomSeg:
                     study_uid=str(ds.get("StudyInstanceUID", "")), referenced=frozenset(referenced))
 
 
-def _parallel_same_plane(a: Geometry, b: Geometry) -> bool:
-    return abs(float(a.slice_dir @ b.slice_dir)) > 0.9998 and plane_distance_mm(a, b) < 0.5
-
-
 def seg_covers(seg: DicomSeg, t1: MRImage) -> bool:
     """Whether ``seg`` segments this T1 map: it references the instance, or a frame lies on it."""
     sop = str(t1.meta.get("SOPInstanceUID", ""))
@@ -712,7 +708,7 @@ def seg_frames_for(seg: DicomSeg, t1: MRImage) -> list[SegFrame]:
     if not matching:
         return []
     best = min(matching, key=lambda x: x[0])[1]
-    return [f for _, f in matching if _parallel_same_plane(f.geometry, best.geometry)]
+    return [f for _, f in matching if same_plane(f.geometry, best.geometry)]
 
 
 def _assign_segments(segs: list[DicomSeg], names) -> tuple[dict[str, tuple[DicomSeg, int]], str]:

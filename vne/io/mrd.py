@@ -21,15 +21,14 @@ import binascii
 import html
 import json
 import logging
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import ismrmrd
 import numpy as np
 
 from ..errors import InputError
+from .atomic import atomic_path
 from ..exam.data import Geometry, MRImage, Role
 
 log = logging.getLogger(__name__)
@@ -109,16 +108,6 @@ def parse_header(xml: str | bytes):
         raise InputError(f"ISMRMRD header is not valid XML: {str(exc).splitlines()[0][:200]}") from None
 
 
-def meta_text(meta, key: str, default: str = "") -> str:
-    """A meta value as one string (lists are joined with backslashes, as DICOM multi-values)."""
-    if key not in meta:
-        return default
-    v = meta[key]
-    if isinstance(v, (list, tuple)):
-        return "\\".join(str(x) for x in v)
-    return str(v)
-
-
 def to_mrd(
     image: MRImage,
     *,
@@ -190,20 +179,12 @@ def write_mrd_file(path: Path, header: str, images: list[ismrmrd.Image], group: 
     Images go to ``/<group>/image_<series_index>`` in the order given (the scanner's order).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".h5.tmp")
-    os.close(fd)
-    os.unlink(tmp)
-    try:
-        ds = ismrmrd.Dataset(tmp, group, create_if_needed=True)
+    with atomic_path(path, suffix=".h5.tmp") as tmp:
+        ds = ismrmrd.Dataset(str(tmp), group, create_if_needed=True)
         ds.write_xml_header(header)
         for im in images:
             ds.append_image(f"image_{im.image_series_index}", im)
         ds.close()
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

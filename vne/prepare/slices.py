@@ -22,7 +22,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..exam.data import Geometry, MRImage, Role, SliceSet
-from ..exam.geometry import plane_distance_mm, planes_match, resample_to_grid
+from ..exam.geometry import plane_distance_mm, planes_match, resample_to_grid, same_plane
 
 log = logging.getLogger(__name__)
 
@@ -61,17 +61,12 @@ def slice_key(geom: Geometry) -> str:
     return f"slice@({p[0]:.1f},{p[1]:.1f},{p[2]:.1f})"
 
 
-def _same_plane(a: Geometry, b: Geometry) -> bool:
-    """The same slice position and orientation (within 0.5 mm and 1 degree)."""
-    return abs(float(a.slice_dir @ b.slice_dir)) > 0.9998 and plane_distance_mm(a, b) < 0.5
-
-
 def group_by_plane(images: list[MRImage]) -> list[list[MRImage]]:
     """Group images of one role into slices: same series and same plane."""
     groups: list[list[MRImage]] = []
     for im in images:
         for g in groups:
-            if g[0].series == im.series and _same_plane(g[0].geometry, im.geometry):
+            if g[0].series == im.series and same_plane(g[0].geometry, im.geometry):
                 g.append(im)
                 break
         else:
