@@ -63,19 +63,19 @@ from .networks import (
 log = logging.getLogger("vne.train")
 
 DEFAULT_CONFIG: dict = {
-    "name": "vne",
+    "name": "default",
     "model_name": "vne",
     "model_version": "0.1.0",
     "seed": 0,
     "cache": "data-cache/sim",
-    "out": "runs/vne",
+    "out": "runs/default",
     "device": "auto",            # auto | cpu | cuda
     "threads": None,             # torch CPU threads; None: cores / local processes
     "amp": True,                 # mixed precision on CUDA
     "progress": True,            # tqdm bar on rank 0
     "init_from": None,           # checkpoint whose weights start a new run (fine-tuning)
-    "model": {},                 # training.networks.GeneratorConfig fields
-    "discriminator": {},         # training.networks.DiscriminatorConfig fields
+    "model": {},                 # training.networks.GeneratorConfig fields (its defaults: the shipped architecture)
+    "discriminator": {"num_scales": 2},  # training.networks.DiscriminatorConfig fields
     "data": {
         "crop": 128,             # training crop (multiple of 16); null: the whole cached window
         "batch_size": 8,         # per process
@@ -83,10 +83,10 @@ DEFAULT_CONFIG: dict = {
         "split_seed": 0,
         "target": "lge_clean",   # lge (as acquired, artefacts) | lge_clean (simulator truth)
         "percentiles": [50, 90], # no-mask target normalisation (training.dataset)
-        "num_workers": 0,
+        "num_workers": 1,
         "in_memory": False,      # keep decoded slices in RAM (small caches; with num_workers 0)
         "skip_qc_failures": True,  # leave out slices the runtime guard would refuse (entry qc_passed false)
-        "val_max_slices": 16,    # validation on the first N val slices, whole window
+        "val_max_slices": 32,    # validation on the first N val slices, whole window
         "val_batch_size": 4,
     },
     "augment": {},               # training.augment.DEFAULT_AUGMENT overrides ({"enabled": false}: none)
@@ -101,7 +101,7 @@ DEFAULT_CONFIG: dict = {
         "vgg_weights": None,     # torchvision VGG16 state dict, for perceptual = vgg
         "heart_weight": 4.0,     # extra L1 weight inside the heart masks
         "ssim_data_range": 2.0,
-        "gan_start_step": 0,     # adversarial and feature-matching terms from this step
+        "gan_start_step": 1000,  # adversarial and feature-matching terms from this step
     },
     "optim": {
         "lr_g": 2e-4,
@@ -113,8 +113,8 @@ DEFAULT_CONFIG: dict = {
         "max_steps": 20000,
         "max_minutes": None,     # stop (with a checkpoint) after this wall time
         "log_every": 50,
-        "val_every": 1000,
-        "ckpt_every": 500,
+        "val_every": 500,
+        "ckpt_every": 250,
         "panels": 4,             # validation slices drawn per panel figure
         "best_metric": "val_l1",
     },
@@ -127,6 +127,21 @@ VAL_COLUMNS = ["step", "val_l1", "val_l1_heart", "val_ssim", "val_crop_gap"]
 # --------------------------------------------------------------------------------------------
 # Config
 # --------------------------------------------------------------------------------------------
+FREE_SECTIONS = ("model", "discriminator", "augment")  # checked by GeneratorConfig / DiscriminatorConfig / augment
+
+
+def unknown_keys(config: dict, reference: dict = DEFAULT_CONFIG, prefix: str = "") -> list[str]:
+    """Dotted keys of ``config`` that :data:`DEFAULT_CONFIG` does not have (typos), outside the
+    free sections that their own classes check."""
+    out = []
+    for k, v in config.items():
+        if k not in reference:
+            out.append(prefix + k)
+        elif isinstance(v, dict) and isinstance(reference[k], dict) and not (not prefix and k in FREE_SECTIONS):
+            out += unknown_keys(v, reference[k], f"{prefix}{k}.")
+    return out
+
+
 def merge(base: dict, override: dict) -> dict:
     """Recursive dict merge; ``override`` wins."""
     out = copy.deepcopy(base)
@@ -147,6 +162,9 @@ def load_config(path: str | Path) -> dict:
         user = json.loads(p.read_text())
     except json.JSONDecodeError as exc:
         raise InputError(f"config {p} is not valid JSON: {exc}") from None
+    bad = unknown_keys(user)
+    if bad:
+        raise InputError(f"config {p}: unknown key(s) {', '.join(bad)}")
     return merge(DEFAULT_CONFIG, user)
 
 
@@ -428,6 +446,9 @@ def train(config: dict, resume: bool = False) -> dict:
     Returns:
         the run summary: {"status": "done" | "time_budget", "step", "best", "run_dir", ...}.
     """
+    bad = unknown_keys(config)
+    if bad:
+        raise InputError(f"config: unknown key(s) {', '.join(bad)}")
     cfg = merge(DEFAULT_CONFIG, config)
     rt = Runtime(cfg)
     t_start = time.time()
@@ -479,7 +500,7 @@ def train(config: dict, resume: bool = False) -> dict:
     step, best = 0, {"metric": scfg["best_metric"], "value": None, "step": None}
     if resume and latest.is_file():
         state = load_checkpoint(latest, map_location=rt.device)
-        if state["config"].get("model") != cfg["model"]:
+        if GeneratorConfig.from_dict(state["config"].get("model")) != GeneratorConfig.from_dict(cfg["model"]):
             log.warning("resuming with a different model section than the checkpoint's; weights may not load")
         generator.load_state_dict(state["generator"])
         discriminator.load_state_dict(state["discriminator"])
