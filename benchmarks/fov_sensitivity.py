@@ -19,22 +19,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from vne.io import mrd as mrd_io  # noqa: E402
-from vne.commands.evaluate import slice_index_by_position  # noqa: E402
-from vne.prepare.contract import model_inputs, normalise_psir  # noqa: E402
-from vne.runtime.model import VNEModel  # noqa: E402
-from vne.evaluation.quantify import LGE_LEVELS, VNE_ADJUSTED_LEVELS, patient_burden, quantify_slice  # noqa: E402
-from vne.prepare.slices import build_slices, on_t1_grid  # noqa: E402
-from vne.evaluation.stats import FALSE_POSITIVE_BURDEN, icc_a1, pearson_regression  # noqa: E402
-from vne.io.training_data import heart_crop_window  # noqa: E402
+from vne.io import mrd as mrd_io
+from vne.evaluation.collect_simulated import slice_index_by_position
+from vne.prepare.contract import model_inputs, normalise_psir
+from vne.runtime.model import VNEModel
+from vne.evaluation.quantify import LGE_LEVELS, VNE_ADJUSTED_LEVELS, patient_burden, quantify_slice
+from vne.prepare.slices import build_slices, on_t1_grid
+from vne.evaluation.stats import FALSE_POSITIVE_BURDEN, icc_a1, pearson_regression
+from vne.io.training_data import heart_crop_window
 
 
 def main() -> int:

@@ -1,7 +1,7 @@
 """VNE vs LGE on real DICOM exams: :class:`vne.evaluation.analysis.SliceResult` from DICOM folders and mask files.
 
 :func:`collect_dicom` is the real-data counterpart of ``vne evaluate``'s simulated-exam
-collector (:func:`vne.commands.evaluate.collect`):
+collector (:func:`vne.evaluation.collect_simulated.collect`):
 
 1. every study under the exams folder is read with :func:`vne.io.dicom.read_dicom_folder`;
 2. the model runs through the same pipeline as ``vne infer`` on DICOM
