@@ -44,14 +44,11 @@ import tracemalloc
 from html import escape
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import ismrmrd
 
-import ismrmrd  # noqa: E402
-
-from vne.commands.stream import exchange, exchange_on  # noqa: E402
-from vne.exam.data import Role  # noqa: E402
-from vne.io.mrd import from_mrd, read_mrd_file  # noqa: E402
+from vne.commands.stream import exchange, exchange_on
+from vne.exam.data import Role
+from vne.io.mrd import from_mrd, read_mrd_file
 
 NEEDED = (Role.CINE, Role.IR_MAGNITUDE, Role.IR_PHASE, Role.T1_MAP)
 

@@ -663,19 +663,3 @@ def train(config: dict, resume: bool = False) -> dict:
     if rt.world > 1 and dist.is_initialized():
         dist.destroy_process_group()
     return summary
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m training.train --config FILE [--resume]`` (same as ``vne train``)."""
-    from vne.commands.train import add_arguments, run
-
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m training.train")
-    add_arguments(p)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return run(p.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
