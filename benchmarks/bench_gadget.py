@@ -240,7 +240,7 @@ def main(argv=None) -> int:
     rows.append(("in-process", ip["per_slice"], [], [ip["total"]], float("nan")))
 
     print()
-    print(f"| mode | per-slice latency, ms: median (min-max) | per-exam latency, ms | stream wall time, ms | peak RSS, MB |")
+    print("| mode | per-slice latency, ms: median (min-max) | per-exam latency, ms | stream wall time, ms | peak RSS, MB |")
     print("|---|---|---|---|---|")
     for name, ps, ex, tot, rss in rows:
         print(f"| {name} | {fmt(ps)} | {fmt(ex)} | {fmt(tot)} | {rss:.0f} |")

@@ -38,7 +38,7 @@ def test_matching_rule_thresholds():
     ok, why = planes_match(far, g)
     assert not ok and "mm apart" in why
     # rotate the plane by 30 degrees about the read axis: |cos| = 0.866 < 0.9
-    r = np.asarray(g.read_dir); p = np.asarray(g.phase_dir); n = g.slice_dir
+    p = np.asarray(g.phase_dir); n = g.slice_dir
     p2 = np.cos(np.pi / 6) * p + np.sin(np.pi / 6) * n
     tilted = Geometry(g.position_mm, g.read_dir, tuple(p2), g.pixel_spacing_mm, g.shape)
     ok, why = planes_match(tilted, g)

@@ -57,7 +57,8 @@ def _qc_off() -> list[str]:
 
     from vne.runtime.pipeline import PipelineConfig
 
-    return ["-p", "qc=off"] if "qc" in {f.name for f in dataclasses.fields(PipelineConfig)} else []  # python-ismrmrd-server client.py: str(datetime.datetime.now())
+    # python-ismrmrd-server client.py: str(datetime.datetime.now())
+    return ["-p", "qc=off"] if "qc" in {f.name for f in dataclasses.fields(PipelineConfig)} else []
 
 
 @pytest.fixture(scope="module")

@@ -168,7 +168,6 @@ def stream():
 def server():
     """The MRD server in a thread on 127.0.0.1:<ephemeral>, tiny model, no study cache, small limits."""
     from vne.runtime import mrd_server
-    from vne.commands.serve import bind
     from vne.io.framing import FrameLimits
     from vne.runtime.model import load_model
     from vne.runtime.pipeline import PipelineConfig

@@ -28,7 +28,6 @@ import re
 import socket
 import struct
 import sys
-import threading
 import zipfile
 from pathlib import Path
 

@@ -2,7 +2,6 @@
 import json
 
 import numpy as np
-import pytest
 
 from vne.io import mrd as mrd_io
 from vne.exam.data import Role

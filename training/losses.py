@@ -279,6 +279,7 @@ class GeneratorObjective(nn.Module):
                 terms["perc"] = feature_matching_loss(d_fake, d_real)
         if self.perceptual == "vgg":
             terms["perc"] = vgg_loss(self.vgg, fake, target)
-        weights = {"l1": c.get("w_l1", 10.0), "grad": c.get("w_grad", 0.0), "ssim": c.get("w_ssim", 1.0), "adv": c.get("w_adv", 1.0), "perc": c.get("w_perc", 10.0)}
+        weights = {"l1": c.get("w_l1", 10.0), "grad": c.get("w_grad", 0.0), "ssim": c.get("w_ssim", 1.0),
+                   "adv": c.get("w_adv", 1.0), "perc": c.get("w_perc", 10.0)}
         total = sum(weights[k] * v for k, v in terms.items())
         return total, {f"g_{k}": float(v.detach()) for k, v in terms.items()}

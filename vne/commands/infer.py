@@ -31,7 +31,9 @@ H5_SUFFIXES = (".h5", ".hdf5", ".mrd")
 def add_arguments(p) -> None:
     p.add_argument("input", type=Path, help="ISMRMRD HDF5 file or DICOM folder")
     p.add_argument("--out", type=Path, required=True, help="output .h5 file (for .h5 input) or folder (for DICOM input)")
-    p.add_argument("--group", default=None, metavar="NAME", help="HDF5 group of an ISMRMRD input file (default: /dataset, else the only top-level group; an MRD client output file names it after a timestamp)")
+    p.add_argument("--group", default=None, metavar="NAME",
+                   help="HDF5 group of an ISMRMRD input file (default: /dataset, else the only top-level group; "
+                        "an MRD client output file names it after a timestamp)")
     p.add_argument("--model", type=str, default=None, help="ONNX model (default: newest models/vne-sim-*.onnx, checked "
                                                            "against models/manifest.json)")
     p.add_argument("--model-sha256", default=None, metavar="HEX",

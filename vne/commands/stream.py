@@ -55,7 +55,9 @@ def add_arguments(p) -> None:
                    help="mrd: a parameter sent in the JSON TEXT after HEADER ({\"parameters\": {...}}), e.g. "
                         "--param pixel_type=uint16; repeatable")
     p.add_argument("--out", type=Path, required=True, help="output ISMRMRD .h5 file for everything received")
-    p.add_argument("--group", default=None, metavar="NAME", help="HDF5 group of the file to send (default: /dataset, else the only top-level group; an MRD client output file names it after a timestamp)")
+    p.add_argument("--group", default=None, metavar="NAME",
+                   help="HDF5 group of the file to send (default: /dataset, else the only top-level group; "
+                        "an MRD client output file names it after a timestamp)")
     p.add_argument("--connect-timeout", type=float, default=5.0, help="seconds to wait for the connection (default 5)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds without any traffic before giving up (default 120)")
 

@@ -192,7 +192,8 @@ def _fig_agreement(metrics: dict, path: Path, title_prefix: str, key_fmt: str, v
         ax.scatter(m, d, s=14, alpha=0.8)
         for v, ls in ((a["bias"] * 100, "-"), (a["loa"][0] * 100, "--"), (a["loa"][1] * 100, "--")):
             ax.axhline(v, color="r", ls=ls, lw=1)
-        ax.set(xlabel="mean of VNE and LGE (%)", ylabel="VNE - LGE (%)", title=f"bias {a['bias'] * 100:+.1f}%, LoA [{a['loa'][0] * 100:+.1f}, {a['loa'][1] * 100:+.1f}]")
+        ax.set(xlabel="mean of VNE and LGE (%)", ylabel="VNE - LGE (%)",
+               title=f"bias {a['bias'] * 100:+.1f}%, LoA [{a['loa'][0] * 100:+.1f}, {a['loa'][1] * 100:+.1f}]")
     fig.suptitle(title_prefix)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
@@ -273,7 +274,8 @@ def write_report(metrics: dict, results: list[SliceResult], out_dir: Path, title
     for group, q in metrics["image_quality"].items():
         for name in ("LGE", "VNE"):
             v = q[name]
-            lines.append(f"| {group} (n={q['n_slices']}) | {name} | {v['cnr_blood_myocardium']:.1f} | {v['remote_variance']:.4f} | {v['ssim_vs_artefact_free_lge']:.3f} |")
+            lines.append(f"| {group} (n={q['n_slices']}) | {name} | {v['cnr_blood_myocardium']:.1f} | {v['remote_variance']:.4f} | "
+                         f"{v['ssim_vs_artefact_free_lge']:.3f} |")
     if metrics.get("ablations"):
         keys = [k for k in next(iter(metrics["ablations"].values())) if k != "ssim_heart"]
         lines += ["", "## Ablations (burden agreement r / ICC(A,1), adjusted VNE thresholds)", "",

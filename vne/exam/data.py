@@ -49,11 +49,11 @@ class Geometry:
         slice_thickness_mm: nominal slice thickness.
     """
 
-    position_mm: tuple[float, float, float]
-    read_dir: tuple[float, float, float]
-    phase_dir: tuple[float, float, float]
-    pixel_spacing_mm: tuple[float, float]
-    shape: tuple[int, int]
+    position_mm: tuple[float, ...]      # 3 values
+    read_dir: tuple[float, ...]         # 3 values
+    phase_dir: tuple[float, ...]        # 3 values
+    pixel_spacing_mm: tuple[float, ...]  # 2 values (dy, dx)
+    shape: tuple[int, ...]              # 2 values (ny, nx)
     slice_thickness_mm: float = 8.0
 
     @property

@@ -602,7 +602,7 @@ def position_convention_findings(images: list[ismrmrd.Image], labels: list[str] 
             if np.allclose(fa, fb, atol=1.0) and np.allclose(ga.read_dir, gb.read_dir, atol=1e-3):
                 continue  # same extent and axes: the two readings cannot be told apart
 
-            def inplane(v):
+            def inplane(v, n=n):
                 return v - float(v @ n) * n
 
             eligible += 1

@@ -51,14 +51,14 @@ class ModelContract:
     ti_units: str = "ms"
     intensity_units: str = "raw scanner units (normalised inside the graph)"
     output_units: str = "normalised PSIR (remote myocardium ~0, LV blood ~1)"
-    t1_valid_range_ms: tuple[float, float] = (100.0, 4000.0)
+    t1_valid_range_ms: tuple[float, ...] = (100.0, 4000.0)
     model_name: str = "vne"
     model_version: str = "0.0.0"
     training_data: dict = field(default_factory=dict)
     # What the training data spanned (filled at export from the cache; empty/None: not recorded).
     # The runtime guard (vne.runtime.qc) refuses slices outside them.
     trained_field_strengths_t: tuple[float, ...] = ()
-    trained_ti_range_ms: tuple[float, float] | None = None
+    trained_ti_range_ms: tuple[float, ...] | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

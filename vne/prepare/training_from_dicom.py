@@ -92,7 +92,8 @@ def build_cache_from_dicom(dicom_root: Path, out_dir: Path, contract: ModelContr
             entries.append({"slice_id": slice_id, "patient_id": patient, "case_id": exam.study_uid, "slice_index": k,
                             "lesion_burden": float("nan"), "lesion_free": False, "has_masks": False,
                             "source": f"dicom:{exam.source}"})
-            rows.append({"study_uid": exam.study_uid, "patient_id": patient, "slice": s.key, "decision": "included", "reason": "passed matching and quality checks"})
+            rows.append({"study_uid": exam.study_uid, "patient_id": patient, "slice": s.key, "decision": "included",
+                         "reason": "passed matching and quality checks"})
     with open(out_dir / "inclusion_log.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["study_uid", "patient_id", "slice", "decision", "reason"])
         w.writeheader()
