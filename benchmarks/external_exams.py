@@ -32,9 +32,9 @@ def nyquist_ratio(img: np.ndarray, mask: np.ndarray) -> float:
 
     The checkerboard component at pixel (i, j) is ``x * (-1)^(i+j)`` averaged over a 2×2
     neighbourhood; for a smooth image it is ~0, for a transposed-convolution texture it is large.
-    See :func:`vne.qc.checkerboard_index` for the definition used by the runtime guard.
+    See :func:`vne.runtime.qc.checkerboard_index` for the definition used by the runtime guard.
     """
-    from vne.qc import checkerboard_index
+    from vne.runtime.qc import checkerboard_index
 
     return checkerboard_index(img, mask)
 

@@ -19,23 +19,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from vne import mrd_io  # noqa: E402
-from vne.commands.evaluate import slice_index_by_position  # noqa: E402
-from vne.contract import model_inputs  # noqa: E402
-from vne.evaluate import normalise  # noqa: E402
-from vne.model import VNEModel  # noqa: E402
-from vne.quantify import LGE_LEVELS, VNE_ADJUSTED_LEVELS, patient_burden, quantify_slice  # noqa: E402
-from vne.slices import build_slices, on_t1_grid  # noqa: E402
-from vne.stats import FALSE_POSITIVE_BURDEN, icc_a1, pearson_regression  # noqa: E402
-from vne.training_cache import heart_crop_window  # noqa: E402
+from vne.io import mrd as mrd_io
+from vne.evaluation.collect_simulated import slice_index_by_position
+from vne.prepare.contract import model_inputs, normalise_psir
+from vne.runtime.model import VNEModel
+from vne.evaluation.quantify import LGE_LEVELS, VNE_ADJUSTED_LEVELS, patient_burden, quantify_slice
+from vne.prepare.slices import build_slices, on_t1_grid
+from vne.evaluation.stats import FALSE_POSITIVE_BURDEN, icc_a1, pearson_regression
+from vne.io.training_data import heart_crop_window
 
 
 def main() -> int:
@@ -71,9 +67,9 @@ def main() -> int:
             full = model.predict(x)[0]
             window = np.zeros_like(full)
             window[rows, cols] = model.predict(x_win)[0]
-            gaps.append(float(np.abs(normalise(full, remote, blood) - normalise(window, remote, blood))[myo].mean()))
+            gaps.append(float(np.abs(normalise_psir(full, remote, blood) - normalise_psir(window, remote, blood))[myo].mean()))
             b = burden[case["patient_id"]]
-            b["lge"].append(quantify_slice(normalise(truth[f"s{k}_lge_clean"], remote, blood), myo, remote, blood, LGE_LEVELS))
+            b["lge"].append(quantify_slice(normalise_psir(truth[f"s{k}_lge_clean"], remote, blood), myo, remote, blood, LGE_LEVELS))
             b["full"].append(quantify_slice(full, myo, remote, blood, VNE_ADJUSTED_LEVELS))
             b["window"].append(quantify_slice(window, myo, remote, blood, VNE_ADJUSTED_LEVELS))
 

@@ -1,7 +1,7 @@
 """Golden measurements of the SHIPPED model on a fixed simulated exam, through the real pipeline.
 
 :func:`measure` streams the exam (simulator seed :data:`SEED`, case :data:`CASE`, never used in
-training) through :class:`vne.pipeline.VNEPipeline` exactly as the gadget does, records what the
+training) through :class:`vne.runtime.pipeline.VNEPipeline` exactly as the gadget does, records what the
 pipeline hands the model (a spy around ``predict_many`` that calls the real session), and returns
 per slice:
 
@@ -58,9 +58,9 @@ def _cavity_curve(cine: np.ndarray, blood: np.ndarray, myo: np.ndarray) -> np.nd
 def measure(model_path: Path, qc: str = "mark") -> dict:
     """The golden measurements (module docstring). ``qc="mark"``: every slice gets a VNE, with
     the guard's verdict recorded (``qc`` per slice), so the spatial checks do not depend on it."""
-    from vne.contract import pad_to_multiple
-    from vne.model import load_model
-    from vne.pipeline import PipelineConfig, process_stream
+    from vne.prepare.contract import pad_to_multiple
+    from vne.runtime.model import load_model
+    from vne.runtime.pipeline import PipelineConfig, process_stream
     from vne.simulate.case import simulate_case
     from vne.simulate.writers import case_to_mrd
 
@@ -114,7 +114,7 @@ def measure(model_path: Path, qc: str = "mark") -> dict:
 
 
 def main() -> int:
-    from vne.model import find_default_model
+    from vne.runtime.model import find_default_model
 
     model = find_default_model()
     m = measure(model)

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 import golden
-from vne.model import find_default_model, load_model
-from vne.qc import checkerboard_amplitude
+from vne.runtime.model import find_default_model, load_model
+from vne.runtime.qc import checkerboard_amplitude
 
 
 @pytest.fixture(scope="module")

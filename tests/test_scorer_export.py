@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vne.evaluate import SliceResult, write_scorer_exams
+from vne.evaluation.analysis import SliceResult, write_scorer_exams
 
 SCORER = Path(__file__).resolve().parents[2] / "shared" / "tools" / "score_exams.py"
 

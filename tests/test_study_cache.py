@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 import vne_helpers as H
-from vne.exam import Role
-from vne.mrd_io import from_mrd, parse_header, study_key
-from vne.study_cache import StudyCache, study_hash
+from vne.exam.data import Role
+from vne.io.mrd import from_mrd, parse_header, study_key
+from vne.runtime.study_store import StudyCache, study_hash
 
 STUDY = "1.2.3.4"
 FOR = "1.2.3.5"
@@ -83,7 +83,7 @@ def test_unwritable_folder_is_logged_once_and_ignored(images, tmp_path, caplog):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     c = StudyCache(blocker / "cache")
-    with caplog.at_level(logging.WARNING, logger="vne.study_cache"):
+    with caplog.at_level(logging.WARNING, logger="vne.runtime.study_store"):
         assert c.put(images, study_uid=STUDY, frame_of_reference_uid=FOR, origin="x") == 0
         assert c.put(images, study_uid=STUDY, frame_of_reference_uid=FOR, origin="x") == 0
     assert sum("continuing without it" in r.getMessage() for r in caplog.records) == 1
@@ -108,7 +108,7 @@ def test_background_write_is_waited_for_in_process(images, tmp_path):
 
 def test_pipeline_with_cache_disabled_or_unwritable_still_works(tmp_path):
     """A single stream holding every series needs no cache; an unwritable one changes nothing."""
-    from vne.pipeline import PipelineConfig, process_stream
+    from vne.runtime.pipeline import PipelineConfig, process_stream
 
     header, images = H.sim_stream()
     one = [im for im in images if im.slice == 0]

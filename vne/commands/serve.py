@@ -32,10 +32,12 @@ import struct
 import sys
 import threading
 import time
+from pathlib import Path
 
-from .. import mrd_server
-from ..framing import ListenerClosed, accept_once
-from ..exam import InputError
+from ..runtime import mrd_server
+from ..io.framing import ListenerClosed, accept_once
+from ..errors import InputError
+from .args import port_number
 
 NAME = "serve"
 HELP = ("serve the VNE gadget for Gadgetron <external><connect port=.../>, or for MRD clients with --protocol mrd "
@@ -54,7 +56,7 @@ def add_arguments(p) -> None:
     p.add_argument("--protocol", choices=("gadgetron", "mrd"), default="gadgetron",
                    help="gadgetron: Gadgetron external-gadget connections (default); mrd: MRD streaming clients "
                         "(python-ismrmrd-server client.py, FIRE/OpenRecon), config name 'vne'")
-    p.add_argument("--port", type=int, default=None,
+    p.add_argument("--port", type=port_number, default=None,
                    help=f"port (default {DEFAULT_PORT} for gadgetron, {MRD_DEFAULT_PORT} for mrd; 0 picks a free one)")
     p.add_argument("--model", default=None, help="ONNX model (default: newest models/vne-sim-*.onnx, checked against "
                                                  "models/manifest.json)")
@@ -123,12 +125,12 @@ class _TimedSocket:
 def _handle(conn: socket.socket, peer, defaults, model, read_timeout_s: float | None = None) -> None:
     from gadgetron.external import Connection
 
-    from ..pipeline import EOFGuardSocket
+    from ..runtime.pipeline import EOFGuardSocket
 
     try:
         from gadgets.vne_gadget import gadget
     except ImportError:  # the library alone is installed
-        from ..pipeline import run_connection as gadget
+        from ..runtime.pipeline import run_connection as gadget
     t0 = time.perf_counter()
     try:
         conn.settimeout(None)
@@ -230,7 +232,7 @@ def serve(srv: socket.socket, defaults, model, *, max_connections: int = 0, stop
 
 
 def _mrd_options(args) -> "mrd_server.ServerOptions":
-    from ..framing import FrameLimits
+    from ..io.framing import FrameLimits
 
     max_active = getattr(args, "max_active", DEFAULT_MAX_ACTIVE)
     read_timeout = getattr(args, "read_timeout", None)
@@ -243,10 +245,12 @@ def _mrd_options(args) -> "mrd_server.ServerOptions":
 
 
 def run(args) -> int:
-    from ..model import load_model
-    from ..pipeline import PipelineConfig
+    from ..runtime.model import load_model
+    from ..runtime.pipeline import PipelineConfig
     from .infer import parse_properties
 
+    if args.model and not Path(args.model).is_file():  # a named model must exist; a refused one serves pass-through
+        raise InputError(f"--model {args.model} does not exist")
     protocol = getattr(args, "protocol", "gadgetron") or "gadgetron"
     mrd_options = _mrd_options(args) if protocol == "mrd" else None
     read_timeout = getattr(args, "read_timeout", None)

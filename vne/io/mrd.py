@@ -1,4 +1,4 @@
-"""ISMRMRD images, headers and HDF5 files <-> :class:`vne.exam.MRImage`.
+"""ISMRMRD images, headers and HDF5 files <-> :class:`vne.exam.data.MRImage`.
 
 ISMRMRD conventions used here (``../shared/docs/scanner-streams.md``):
 - image data ``[cha, z, y, x]``; we read channel 0, z 0, as ``(ny, nx)``;
@@ -21,15 +21,15 @@ import binascii
 import html
 import json
 import logging
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import ismrmrd
 import numpy as np
 
-from .exam import Geometry, InputError, MRImage, Role
+from ..errors import InputError
+from .atomic import atomic_path
+from ..exam.data import Geometry, MRImage, Role
 
 log = logging.getLogger(__name__)
 
@@ -108,16 +108,6 @@ def parse_header(xml: str | bytes):
         raise InputError(f"ISMRMRD header is not valid XML: {str(exc).splitlines()[0][:200]}") from None
 
 
-def meta_text(meta, key: str, default: str = "") -> str:
-    """A meta value as one string (lists are joined with backslashes, as DICOM multi-values)."""
-    if key not in meta:
-        return default
-    v = meta[key]
-    if isinstance(v, (list, tuple)):
-        return "\\".join(str(x) for x in v)
-    return str(v)
-
-
 def to_mrd(
     image: MRImage,
     *,
@@ -189,20 +179,12 @@ def write_mrd_file(path: Path, header: str, images: list[ismrmrd.Image], group: 
     Images go to ``/<group>/image_<series_index>`` in the order given (the scanner's order).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".h5.tmp")
-    os.close(fd)
-    os.unlink(tmp)
-    try:
-        ds = ismrmrd.Dataset(tmp, group, create_if_needed=True)
+    with atomic_path(path, suffix=".h5.tmp") as tmp:
+        ds = ismrmrd.Dataset(str(tmp), group, create_if_needed=True)
         ds.write_xml_header(header)
         for im in images:
             ds.append_image(f"image_{im.image_series_index}", im)
         ds.close()
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 
@@ -423,9 +405,9 @@ def _dj_floats(dj: dict, keyword: str, n: int) -> list[float] | None:
 def geometry_from_dicom_json(dj: dict, data_shape: tuple[int, int], tag: str = "",
                              default_thickness: float | None = None) -> Geometry | None:
     """The image geometry from DICOM fields (ImagePositionPatient is the first pixel's centre,
-    converted to the image centre with :func:`vne.geometry.centre_from_first_pixel`), or None
+    converted to the image centre with :func:`vne.exam.geometry.centre_from_first_pixel`), or None
     when they are incomplete or do not describe the pixels (Rows / Columns differ)."""
-    from .geometry import centre_from_first_pixel
+    from ..exam.geometry import centre_from_first_pixel
 
     ipp = _dj_floats(dj, "ImagePositionPatient", 3)
     iop = _dj_floats(dj, "ImageOrientationPatient", 6)
@@ -480,7 +462,7 @@ def _rescaled(pixels: np.ndarray, role: Role, dj: dict, stored_integer: bool) ->
     inter_v = intercept[0] if intercept else None
     raw = pixels.astype(np.float64)
     if role == Role.IR_PHASE:
-        from .dicom_io import _phase_radians
+        from .dicom import _phase_radians
 
         return _phase_radians(raw, {"RescaleSlope": slope_v, "RescaleIntercept": inter_v})
     if slope_v is None and inter_v is None:
@@ -503,12 +485,12 @@ def from_mrd(mrd: ismrmrd.Image, study: tuple[str, str, str] = ("", "", ""), rul
 
     Args:
         study: (study UID, frame of reference UID, patient ID) from the stream header.
-        rules: :class:`vne.roles.RoleRules` (defaults if None).
+        rules: :class:`vne.exam.roles.RoleRules` (defaults if None).
 
     Raises:
         InputError: complex or multi-channel / 3D data, which VNE cannot use.
     """
-    from . import roles
+    from ..exam import roles
 
     rules = rules or roles.DEFAULT_RULES
     tag = source or f"series {mrd.image_series_index} image {mrd.image_index}"
@@ -573,7 +555,7 @@ def position_convention_findings(images: list[ismrmrd.Image], labels: list[str] 
 
     Images with a ``DicomJson`` meta are skipped (their geometry comes from it). For every two
     series (by group label and ``image_series_index``) with parallel planes (|cos| > 0.99) less
-    than :data:`vne.geometry.MATCH_MAX_DISTANCE_MM` apart and different in-plane extents: the
+    than :data:`vne.exam.geometry.MATCH_MAX_DISTANCE_MM` apart and different in-plane extents: the
     in-plane distance of their positions read as centres, ``d_c``, and read as first pixels
     (converted to centres), ``d_f``. A pair is reported when ``d_c - d_f`` >= 10 mm and
     ``d_f`` <= 0.5 ``d_c`` (series may have their own FOV centres, so ``d_f`` need not be 0),
@@ -584,7 +566,7 @@ def position_convention_findings(images: list[ismrmrd.Image], labels: list[str] 
     Returns:
         one text per suspicious pair, e.g. ``"series 1 / series 4: 23.1 mm apart as stored, 0.2 mm as first pixels"``.
     """
-    from .geometry import MATCH_MAX_DISTANCE_MM, centre_from_first_pixel
+    from ..exam.geometry import MATCH_MAX_DISTANCE_MM, centre_from_first_pixel
 
     labels = labels or [""] * len(images)
     uniq: dict[tuple, tuple[str, Geometry]] = {}
@@ -620,7 +602,7 @@ def position_convention_findings(images: list[ismrmrd.Image], labels: list[str] 
             if np.allclose(fa, fb, atol=1.0) and np.allclose(ga.read_dir, gb.read_dir, atol=1e-3):
                 continue  # same extent and axes: the two readings cannot be told apart
 
-            def inplane(v):
+            def inplane(v, n=n):
                 return v - float(v @ n) * n
 
             eligible += 1

@@ -26,36 +26,39 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .exam import InputError
-from .geometry import resample_cycle
+from ..errors import InputError
+from ..exam.geometry import resample_cycle
 
 CONTRACT_KEY = "vne_contract"
 INPUT_NAMES = ("cine", "ir", "ir_ti_ms", "t1_map_ms")
 OUTPUT_NAME = "vne"
 # ShMOLLI 5(1)1(1)1 nominal TIs, sorted (ms); MOLLI and jittered TIs are matched to these.
 SHMOLLI_NOMINAL_TI_MS = (100.0, 180.0, 260.0, 1100.0, 2100.0, 3100.0, 4100.0)
+# the paper's inputs: one cardiac cycle of cine resampled to 25 phases, the 7 ShMOLLI IR images
+N_CINE_FRAMES = 25
+N_IR_IMAGES = len(SHMOLLI_NOMINAL_TI_MS)
 
 
 @dataclass
 class ModelContract:
     """What a generator expects. Serialised as JSON into the ONNX metadata."""
 
-    n_cine_frames: int = 25
-    n_ir_images: int = 7
+    n_cine_frames: int = N_CINE_FRAMES
+    n_ir_images: int = N_IR_IMAGES
     nominal_ti_ms: tuple[float, ...] = SHMOLLI_NOMINAL_TI_MS
     pad_multiple: int = 16
     t1_units: str = "ms"
     ti_units: str = "ms"
     intensity_units: str = "raw scanner units (normalised inside the graph)"
     output_units: str = "normalised PSIR (remote myocardium ~0, LV blood ~1)"
-    t1_valid_range_ms: tuple[float, float] = (100.0, 4000.0)
+    t1_valid_range_ms: tuple[float, ...] = (100.0, 4000.0)
     model_name: str = "vne"
     model_version: str = "0.0.0"
     training_data: dict = field(default_factory=dict)
     # What the training data spanned (filled at export from the cache; empty/None: not recorded).
-    # The runtime guard (vne.qc) refuses slices outside them.
+    # The runtime guard (vne.runtime.qc) refuses slices outside them.
     trained_field_strengths_t: tuple[float, ...] = ()
-    trained_ti_range_ms: tuple[float, float] | None = None
+    trained_ti_range_ms: tuple[float, ...] | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -167,3 +170,14 @@ def pad_to_multiple(inputs: dict[str, np.ndarray], multiple: int) -> tuple[dict[
 def crop_output(vne: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """Remove the padding of :func:`pad_to_multiple` from a (B, 1, H', W') output."""
     return vne[..., : shape[0], : shape[1]]
+
+
+def normalise_psir(img: np.ndarray, remote: np.ndarray, blood: np.ndarray) -> np.ndarray:
+    """An LGE / VNE image in the model's output units: ``(x - mean_remote) / (mean_blood - mean_remote)``
+    (remote myocardium ~0, LV blood ~1), from boolean remote-myocardium and blood-pool masks.
+
+    The one definition of those units: the training target (``training.dataset.normalise_target``,
+    when masks are known) and the evaluation (:mod:`vne.evaluation.analysis`) both use it.
+    """
+    lo, hi = float(img[remote].mean()), float(img[blood].mean())
+    return (img - lo) / (hi - lo if abs(hi - lo) > 1e-9 else 1.0)

@@ -11,7 +11,7 @@ A connection, as python-ismrmrd-server's server handles it:
     CLOSE
 
 and the server answers with every input message byte-identical (the exact bytes framed by
-:mod:`vne.framing`), the VNE images as their own series, TEXT logging messages
+:mod:`vne.io.framing`), the VNE images as their own series, TEXT logging messages
 (``"WARNING  text\\0"``, python-ismrmrd-server's ``send_logging`` format) for every problem,
 and CLOSE last. Nothing here raises out of a connection: an error is a TEXT message followed by
 CLOSE, never a dropped connection.
@@ -31,8 +31,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, replace
 
-from . import framing as F
-from .exam import InputError
+from ..io import framing as F
+from ..errors import InputError
 
 log = logging.getLogger("vne.mrd")
 
@@ -51,7 +51,7 @@ class ServerOptions:
     """Settings of the MRD server (``vne serve --protocol mrd`` options).
 
     Attributes:
-        limits: largest declared message lengths (:class:`vne.framing.FrameLimits`).
+        limits: largest declared message lengths (:class:`vne.io.framing.FrameLimits`).
         read_timeout_s: a connection that sends nothing for this long is ended (TEXT + CLOSE).
         max_active: connections served at once; one more gets a TEXT "busy" message and CLOSE.
         linger_s: after our CLOSE, how long unread input is drained before the socket is closed
@@ -203,7 +203,7 @@ def is_vne(name: str | None) -> bool:
 
 def vne_properties(config) -> tuple[dict[str, str], list[str]]:
     """(pipeline properties, notes) from a JSON config's ``parameters``: the names of
-    :data:`vne.pipeline.PROPERTY_DOCS` and ``role_*``, or their OpenRecon ids (the name without
+    :data:`vne.runtime.pipeline.PROPERTY_DOCS` and ``role_*``, or their OpenRecon ids (the name without
     underscores, as OpenRecon allows ``[A-Za-z0-9]`` only: ``pixeltype``); others (scanner UI
     parameters) are ignored."""
     from .pipeline import PROPERTY_DOCS
@@ -250,14 +250,14 @@ def process(connection: MRDConnection, config, metadata, *, defaults=None, model
     """The VNE program for one MRD connection (python-ismrmrd-server's ``process`` convention).
 
     Every data message goes back first, as its exact bytes; images are then decoded from a
-    copy and fed to a :class:`vne.pipeline.VNEPipeline`, whose VNE images follow as a new
+    copy and fed to a :class:`vne.runtime.pipeline.VNEPipeline`, whose VNE images follow as a new
     series; problems go back as TEXT. The caller sends CLOSE.
 
     Args:
         connection: the :class:`MRDConnection` after CONFIG and HEADER.
         config: the JSON config (dict) or the config name (str).
         metadata: the ISMRMRD header (XML text, parsed, or None).
-        defaults: server-side :class:`vne.pipeline.PipelineConfig` the parameters go on top of.
+        defaults: server-side :class:`vne.runtime.pipeline.PipelineConfig` the parameters go on top of.
         model: the server's loaded model.
 
     Returns:

@@ -1,17 +1,17 @@
-"""DICOM in and out: folders of MR instances -> :class:`vne.exam.Exam`, and derived series -> files.
+"""DICOM in and out: folders of MR instances -> :class:`vne.exam.data.Exam`, and derived series -> files.
 
 Reading (:func:`read_dicom_folder`) walks a folder at any depth, skips what is not a usable 2D
 MR image (with a logged reason naming the file), classifies every instance with
-:func:`vne.roles.classify`, and converts pixels to physical units:
+:func:`vne.exam.roles.classify`, and converts pixels to physical units:
 
 - RescaleSlope / RescaleIntercept are applied;
 - phase images (Role.IR_PHASE) become radians: Siemens stores 0..4095 with slope 2 and
   intercept -4096, so the rescaled value ``v`` in [-4096, 4096) is ``v / 4096 * pi``; without a
   rescale intercept the raw 12-bit value ``r`` becomes ``(r - 2048) / 2048 * pi``;
-- T1 maps are multiplied by :func:`vne.roles.t1_scale_from_meta` (Gadgetron ``x10`` maps -> ms).
+- T1 maps are multiplied by :func:`vne.exam.roles.t1_scale_from_meta` (Gadgetron ``x10`` maps -> ms).
 
 Geometry: DICOM ImagePositionPatient is the centre of the first pixel; :class:`Geometry` holds
-the image centre (:func:`vne.geometry.centre_from_first_pixel`).
+the image centre (:func:`vne.exam.geometry.centre_from_first_pixel`).
 
 Writing (:func:`write_series`) makes Siemens-like MR Image Storage files, one per image, written
 into a temporary folder and then renamed into place, so a failure never leaves half a series.
@@ -36,9 +36,11 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, PYDICOM_IMPLEMENTATION_UID, generate_uid
 
-from .exam import Exam, Geometry, InputError, MRImage, Role
-from .geometry import centre_from_first_pixel, first_pixel_from_centre
-from .roles import DEFAULT_RULES, RoleRules, classify, inversion_time_from_meta, rendering_reason, t1_scale_from_meta
+from ..errors import InputError
+from ..exam.data import Exam, Geometry, MRImage, Role
+from ..exam.geometry import centre_from_first_pixel, first_pixel_from_centre
+from .atomic import move_into
+from ..exam.roles import DEFAULT_RULES, RoleRules, classify, inversion_time_from_meta, rendering_reason, t1_scale_from_meta
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +236,7 @@ def read_dicom_folder(path, *, rules: RoleRules = DEFAULT_RULES) -> list[Exam]:
 
     Args:
         path: a folder (or a single DICOM file).
-        rules: role rules for :func:`vne.roles.classify`.
+        rules: role rules for :func:`vne.exam.roles.classify`.
 
     Returns:
         Exams ordered by first appearance; images ordered by (SeriesNumber, InstanceNumber).
@@ -469,12 +471,7 @@ def write_series(
             name = f"IM-{int(series_number):04d}-{i:04d}.dcm"
             ds.save_as(tmp / name, enforce_file_format=True)
             names.append(name)
-        if not folder.exists():
-            os.replace(tmp, folder)
-        else:
-            for name in names:
-                os.replace(tmp / name, folder / name)
-            shutil.rmtree(tmp, ignore_errors=True)
+        move_into(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -46,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .exam import Geometry, MRImage, Role
+from ..exam.data import Geometry, MRImage, Role
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +214,7 @@ class StudyCache:
         Images are grouped by (role, series, plane); an entry with the same origin (the
         connection's measurement ID), role, series and plane is replaced.
         """
-        from .slices import group_by_plane
+        from ..prepare.slices import group_by_plane
 
         if not (study_uid or frame_of_reference_uid):
             log.info("study cache: no study or frame-of-reference UID; nothing cached")

@@ -50,13 +50,14 @@ from typing import Any, Iterable, Iterator
 import ismrmrd
 import numpy as np
 
-from . import mrd_io
-from .contract import model_inputs
-from .exam import InputError, MRImage, Role
+from ..io import mrd as mrd_io
+from ..prepare.contract import model_inputs
+from ..errors import InputError
+from ..exam.data import MRImage, Role
 from .qc import DEFAULT_QC_ACTION, QC_ACTIONS, QCResult, check_inputs, check_output
-from .roles import DEFAULT_RULES, RoleRules, meta_values
-from .slices import assemble, group_by_plane, on_t1_grid, slice_key
-from .study_cache import DEFAULT_MAX_AGE_HOURS, DEFAULT_MAX_MB, StudyCache, default_cache_dir
+from ..exam.roles import DEFAULT_RULES, RoleRules, meta_values
+from ..prepare.slices import assemble, group_by_plane, on_t1_grid, slice_key
+from .study_store import DEFAULT_MAX_AGE_HOURS, DEFAULT_MAX_MB, StudyCache, default_cache_dir
 
 log = logging.getLogger(__name__)
 

@@ -13,10 +13,15 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from .exam import Geometry, InputError
+from ..errors import InputError
+from .data import Geometry
 
 MATCH_MIN_ABS_COS = 0.9
 MATCH_MAX_DISTANCE_MM = 4.0
+# "the same plane" (images of one slice: grouping a series into slices, frames of a DICOM-SEG):
+# within 1 degree and 0.5 mm
+SAME_PLANE_MIN_ABS_COS = 0.9998
+SAME_PLANE_MAX_DISTANCE_MM = 0.5
 
 
 def pixel_centres_mm(geom: Geometry) -> np.ndarray:
@@ -73,6 +78,12 @@ def plane_distance_mm(source: Geometry, target: Geometry) -> float:
     """Distance of the source image centre from the target plane, along the target normal (mm)."""
     d = np.asarray(source.position_mm, float) - np.asarray(target.position_mm, float)
     return float(abs(d @ target.slice_dir))
+
+
+def same_plane(a: Geometry, b: Geometry) -> bool:
+    """The same slice position and orientation (within 0.5 mm and 1 degree): one slice, not a
+    neighbour. Looser, the paper's rule for matching different scans is :func:`planes_match`."""
+    return abs(float(a.slice_dir @ b.slice_dir)) > SAME_PLANE_MIN_ABS_COS and plane_distance_mm(a, b) < SAME_PLANE_MAX_DISTANCE_MM
 
 
 def planes_match(source: Geometry, target: Geometry) -> tuple[bool, str]:

@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import InputError
+
 
 class Role(str, enum.Enum):
     """What an image is, for VNE."""
@@ -32,10 +34,6 @@ class Role(str, enum.Enum):
     T1_MAP = "t1_map"
     LGE = "lge"
     UNKNOWN = "unknown"
-
-
-class InputError(ValueError):
-    """Bad or incomplete user input: reported as one line, never as a traceback."""
 
 
 @dataclass(frozen=True)
@@ -51,11 +49,11 @@ class Geometry:
         slice_thickness_mm: nominal slice thickness.
     """
 
-    position_mm: tuple[float, float, float]
-    read_dir: tuple[float, float, float]
-    phase_dir: tuple[float, float, float]
-    pixel_spacing_mm: tuple[float, float]
-    shape: tuple[int, int]
+    position_mm: tuple[float, ...]      # 3 values
+    read_dir: tuple[float, ...]         # 3 values
+    phase_dir: tuple[float, ...]        # 3 values
+    pixel_spacing_mm: tuple[float, ...]  # 2 values (dy, dx)
+    shape: tuple[int, ...]              # 2 values (ny, nx)
     slice_thickness_mm: float = 8.0
 
     @property
@@ -103,7 +101,7 @@ class MRImage:
     Attributes:
         pixels: (ny, nx) array; magnitude, phase (radians), T1 (ms) or signed PSIR, by role.
         geometry: the image plane.
-        role: what the image is (see :mod:`vne.roles`).
+        role: what the image is (see :mod:`vne.exam.roles`).
         series: a series key (SeriesInstanceUID, or ISMRMRD ``image_series_index`` as text).
         series_description: the scanner's series / sequence description.
         inversion_time_ms: TI of an IR-weighted image (or LGE), else None.

@@ -2,8 +2,8 @@
 
 Written by the simulator (``vne simulate``) and by the real-DICOM matching pipeline; read by
 ``training/dataset.py``. Both sources fill it through :func:`write_slice`, after the same
-matching and resampling code the gadget uses (:mod:`vne.slices`, :mod:`vne.geometry`) and the
-same input shaping (:func:`vne.contract.model_inputs`), so training sees exactly what the
+matching and resampling code the gadget uses (:mod:`vne.prepare.slices`, :mod:`vne.exam.geometry`) and the
+same input shaping (:func:`vne.prepare.contract.model_inputs`), so training sees exactly what the
 gadget will feed the model.
 
 Layout of ``DIR``:
@@ -27,13 +27,12 @@ area), lesion_free (bool), has_masks (bool), field_strength_t, source.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from .exam import InputError
+from ..errors import InputError
+from .atomic import atomic_write, atomic_write_text
 
 CACHE_VERSION = 1
 ARRAY_KEYS = ("cine", "ir", "ir_ti_ms", "t1_map_ms", "lge", "lge_clean", "myocardium", "blood_pool", "remote", "lesion", "pixel_spacing_mm")
@@ -66,13 +65,7 @@ def write_slice(directory: Path, slice_id: str, arrays: dict[str, np.ndarray]) -
     for k in ARRAY_KEYS + tuple(k for k in OPTIONAL_MASK_KEYS if arrays.get(k) is not None):
         v = np.asarray(arrays[k])
         out[k] = v.astype(np.uint8) if k in MASK_KEYS + OPTIONAL_MASK_KEYS else v.astype(np.float32)
-    path = directory / f"{slice_id}.npz"
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".npz.tmp")
-    os.close(fd)
-    with open(tmp, "wb") as f:
-        np.savez_compressed(f, **out)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(directory / f"{slice_id}.npz", lambda f: np.savez_compressed(f, **out))
 
 
 def read_slice(directory: Path, slice_id: str) -> dict[str, np.ndarray]:
@@ -84,10 +77,7 @@ def write_index(directory: Path, entries: list[dict], extra: dict | None = None)
     """Write ``index.json`` atomically. ``extra`` holds provenance (simulator version, seed...)."""
     directory = Path(directory)
     doc = {"version": CACHE_VERSION, "entries": entries, **(extra or {})}
-    tmp = directory / "index.json.tmp"
-    tmp.write_text(json.dumps(doc, indent=1))
-    os.replace(tmp, directory / "index.json")
-    return directory / "index.json"
+    return atomic_write_text(directory / "index.json", json.dumps(doc, indent=1))
 
 
 def read_index(directory: Path) -> dict:

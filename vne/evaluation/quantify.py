@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from .exam import InputError
+from ..errors import InputError
 
 LGE_LEVELS = {"FWHM": 0.5, "FWQM": 0.25, "FWEM": 0.125}
 VNE_ADJUSTED_LEVELS = {"FWHM": 0.35, "FWQM": 0.20, "FWEM": 0.10}

@@ -49,8 +49,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .contract import CONTRACT_KEY, INPUT_NAMES, OUTPUT_NAME, ModelContract, crop_output, pad_to_multiple
-from .exam import InputError
+from ..prepare.contract import CONTRACT_KEY, INPUT_NAMES, OUTPUT_NAME, ModelContract, crop_output, pad_to_multiple
+from ..errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def model_search_dirs() -> list[Path]:
     dirs = []
     if os.environ.get(ENV_MODEL_DIR):
         dirs.append(Path(os.environ[ENV_MODEL_DIR]))
-    dirs.append(Path(__file__).resolve().parents[1] / "models")
+    dirs.append(Path(__file__).resolve().parents[2] / "models")
     dirs.append(Path(sys.prefix) / "share" / "vne" / "models")
     return dirs
 
@@ -171,7 +171,7 @@ def manifest_paths() -> list[Path]:
     ``manifest.json`` in each folder of :func:`model_search_dirs` (the container copies
     ``models/`` into ``$VNE_MODEL_DIR``)."""
     out: list[Path] = []
-    for d in [Path(__file__).resolve().parents[1] / "models"] + model_search_dirs():
+    for d in [Path(__file__).resolve().parents[2] / "models"] + model_search_dirs():
         m = d / MANIFEST_NAME
         if m not in out:
             out.append(m)

@@ -1,6 +1,6 @@
 """Evaluation masks for real data: myocardium, remote and blood pool (and lesion) per T1 map, from files.
 
-The evaluation (:mod:`vne.evaluate`) needs, for every T1 map, three masks on the T1 map's grid:
+The evaluation (:mod:`vne.evaluation.analysis`) needs, for every T1 map, three masks on the T1 map's grid:
 the **myocardium**, a **remote**-myocardium ROI and an LV **blood-pool** ROI; a **lesion** mask
 is optional (it gives the "truth" burden and, when every slice of a patient has one, whether
 the patient is lesion-free), and so are the LGE's own contours (``lge_myocardium``,
@@ -12,13 +12,13 @@ Formats
 -------
 - **NumPy**: ``.npz`` with one named array per mask, or one ``.npy`` per mask. NumPy arrays
   carry no geometry, so each must be ``(rows, columns)`` of the T1 map exactly.
-- **NIfTI-1 / NIfTI-2** (``.nii``, ``.nii.gz``), one file per mask, read by the small reader
-  below (no extra dependency). The voxel grid is placed in patient coordinates by the sform
+- **NIfTI-1 / NIfTI-2** (``.nii``, ``.nii.gz``), one file per mask, read with nibabel
+  (:func:`read_nifti`). The voxel grid is placed in patient coordinates by the sform
   (when ``sform_code > 0``), else the qform (``qform_code > 0``), as nibabel does; files with
   neither are refused. NIfTI world coordinates are RAS+, DICOM's are LPS+: x and y change sign.
   The mask may be 2D or a 3D stack: the voxel axis closest to the T1 map's normal is the slice
-  axis, the slice nearest to the T1 plane that passes :func:`vne.geometry.planes_match` is
-  taken and resampled onto the T1 grid nearest-neighbour (:func:`vne.geometry.resample_to_grid`,
+  axis, the slice nearest to the T1 plane that passes :func:`vne.exam.geometry.planes_match` is
+  taken and resampled onto the T1 grid nearest-neighbour (:func:`vne.exam.geometry.resample_to_grid`,
   identity when the grids agree). Spatial units other than mm (``xyzt_units``) are converted.
 - **DICOM-SEG** (Segmentation Storage, BINARY or FRACTIONAL; any file name, one object per
   study or several). Segments are found by SegmentLabel (then SegmentDescription, then the
@@ -26,7 +26,7 @@ Formats
   configurable names (:data:`DEFAULT_NAMES`). Frames are mapped to a T1 map by the
   ReferencedSOPInstanceUID of their DerivationImageSequence / SourceImageSequence; when no
   frame references the T1 map, by plane position and orientation (same FrameOfReferenceUID,
-  the :func:`vne.geometry.planes_match` rule, the nearest plane wins). A segment without a
+  the :func:`vne.exam.geometry.planes_match` rule, the nearest plane wins). A segment without a
   frame on a covered T1 map is empty (writers omit empty frames).
 
 A pixel belongs to a mask when its value is at least ``threshold`` (0.5): binary masks may be
@@ -61,20 +61,19 @@ spaces written as ``_``). A T1 map that none of these cover raises :class:`Masks
 from __future__ import annotations
 
 import csv
-import gzip
 import logging
 import os
 import re
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from .exam import Geometry, InputError, MRImage, Role
-from .geometry import (centre_from_first_pixel, first_pixel_from_centre, pixel_centres_mm, plane_distance_mm, planes_match,
-                       resample_to_grid)
+from ..errors import InputError
+from ..exam.data import Geometry, MRImage, Role
+from ..exam.geometry import (centre_from_first_pixel, first_pixel_from_centre, pixel_centres_mm, plane_distance_mm, planes_match,
+                              resample_to_grid, same_plane)
 
 log = logging.getLogger(__name__)
 
@@ -238,164 +237,73 @@ class NiftiImage:
     path: str = ""
 
 
-_NIFTI_DTYPES = {2: "u1", 4: "i2", 8: "i4", 16: "f4", 64: "f8", 256: "i1", 512: "u2", 768: "u4", 1024: "i8", 1280: "u8"}
-_NIFTI_CODES = {np.dtype(v).str[1:]: k for k, v in _NIFTI_DTYPES.items()}
-_UNIT_TO_MM = {0: 1.0, 1: 1000.0, 2: 1.0, 3: 0.001}  # xyzt_units & 7: unknown, metre, mm, micron
+_UNIT_TO_MM = {"meter": 1000.0, "mm": 1.0, "micron": 0.001, "unknown": 1.0}
 
 
-def _quatern_to_matrix(b: float, c: float, d: float) -> np.ndarray:
-    """The rotation of a NIfTI qform (``quatern_b/c/d``), as in nifti1_io.c."""
-    a = 1.0 - (b * b + c * c + d * d)
-    if a < 1e-7:  # a 180-degree rotation: renormalise (b, c, d)
-        s = 1.0 / np.sqrt(b * b + c * c + d * d)
-        b, c, d, a = b * s, c * s, d * s, 0.0
-    else:
-        a = np.sqrt(a)
-    return np.array([
-        [a * a + b * b - c * c - d * d, 2 * (b * c - a * d), 2 * (b * d + a * c)],
-        [2 * (b * c + a * d), a * a + c * c - b * b - d * d, 2 * (c * d - a * b)],
-        [2 * (b * d - a * c), 2 * (c * d + a * b), a * a + d * d - c * c - b * b],
-    ])
-
-
-def _matrix_to_quatern(r: np.ndarray) -> tuple[float, float, float]:
-    """(b, c, d) of a proper rotation matrix (nifti1_io.c ``mat44_to_quatern``)."""
-    u, _, vt = np.linalg.svd(r)
-    r = u @ vt  # the nearest orthogonal matrix
-    a = r[0, 0] + r[1, 1] + r[2, 2] + 1.0
-    if a > 0.5:
-        a = 0.5 * np.sqrt(a)
-        b, c, d = 0.25 * (r[2, 1] - r[1, 2]) / a, 0.25 * (r[0, 2] - r[2, 0]) / a, 0.25 * (r[1, 0] - r[0, 1]) / a
-    else:
-        xd, yd, zd = 1.0 + r[0, 0] - (r[1, 1] + r[2, 2]), 1.0 + r[1, 1] - (r[0, 0] + r[2, 2]), 1.0 + r[2, 2] - (r[0, 0] + r[1, 1])
-        if xd > 1.0:
-            b = 0.5 * np.sqrt(xd)
-            c, d, a = 0.25 * (r[0, 1] + r[1, 0]) / b, 0.25 * (r[0, 2] + r[2, 0]) / b, 0.25 * (r[2, 1] - r[1, 2]) / b
-        elif yd > 1.0:
-            c = 0.5 * np.sqrt(yd)
-            b, d, a = 0.25 * (r[0, 1] + r[1, 0]) / c, 0.25 * (r[1, 2] + r[2, 1]) / c, 0.25 * (r[0, 2] - r[2, 0]) / c
-        else:
-            d = 0.5 * np.sqrt(zd)
-            b, c, a = 0.25 * (r[0, 2] + r[2, 0]) / d, 0.25 * (r[1, 2] + r[2, 1]) / d, 0.25 * (r[1, 0] - r[0, 1]) / d
-        if a < 0:
-            b, c, d = -b, -c, -d
-    return float(b), float(c), float(d)
-
-
-def _read_bytes(path: Path) -> bytes:
+def _nibabel():
     try:
-        if path.name.lower().endswith(".gz"):
-            with gzip.open(path, "rb") as f:
-                return f.read()
-        return path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
-        raise InputError(f"{path}: unreadable NIfTI file ({exc.__class__.__name__}: {exc})") from None
+        import nibabel
+    except ImportError:  # a runtime dependency; only a broken install lacks it
+        raise InputError("reading or writing NIfTI masks needs nibabel (pip install nibabel)") from None
+    return nibabel
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{exc.__class__.__name__}: {text[0][:160]}" if text else exc.__class__.__name__
 
 
 def read_nifti(path) -> NiftiImage:
-    """Read a single-file NIfTI-1 or NIfTI-2 image (``.nii`` or ``.nii.gz``), either byte order.
+    """Read a single-file NIfTI-1 or NIfTI-2 image (``.nii`` or ``.nii.gz``) with nibabel.
 
     Returns:
         data as ``(ni, nj, nk)`` (trailing singleton dimensions dropped, at least 3), scaled by
-        ``scl_slope`` / ``scl_inter``; the affine from the sform, else the qform, in mm.
+        ``scl_slope`` / ``scl_inter``; the affine from the sform, else the qform (nibabel's
+        choice), in mm whatever the file's spatial unit.
 
     Raises:
-        InputError: not NIfTI, a header/image pair, truncated, more than one volume, an
-            unsupported data type, or no qform / sform orientation.
+        InputError: not NIfTI, a header/image pair, unreadable, more than one volume, a
+            non-numeric data type, or no qform / sform orientation (it cannot be placed).
     """
+    nib = _nibabel()
     path = Path(path)
-    buf = _read_bytes(path)
-    if len(buf) < 348:
-        raise InputError(f"{path}: not a NIfTI file (only {len(buf)} bytes)")
-    for endian in "<>":
-        size = struct.unpack(endian + "i", buf[:4])[0]
-        if size in (348, 540):
-            break
-    else:
-        raise InputError(f"{path}: not a NIfTI file (header size {struct.unpack('<i', buf[:4])[0]})")
-    u = lambda fmt, off: struct.unpack_from(endian + fmt, buf, off)  # noqa: E731
-    if size == 348:
-        magic = buf[344:348]
-        if magic == b"ni1\x00":
-            raise InputError(f"{path}: a NIfTI header/image pair (.hdr/.img) is not supported; save it as one .nii file")
-        if magic != b"n+1\x00":
-            raise InputError(f"{path}: not a NIfTI-1 file (magic {magic!r}; ANALYZE 7.5 has no orientation)")
-        dim = u("8h", 40)
-        datatype, bitpix = u("2h", 70)
-        pixdim = u("8f", 76)
-        vox_offset = u("f", 108)[0]
-        scl_slope, scl_inter = u("2f", 112)
-        xyzt_units = buf[123]
-        qform_code, sform_code = u("2h", 252)
-        quat = u("6f", 256)
-        srow = np.array(u("12f", 280), float).reshape(3, 4)
-    else:
-        if len(buf) < 540:
-            raise InputError(f"{path}: truncated NIfTI-2 header")
-        magic = buf[4:12]
-        if magic[:3] != b"n+2":
-            raise InputError(f"{path}: not a single-file NIfTI-2 image (magic {magic!r})")
-        datatype, bitpix = u("2h", 12)
-        dim = u("8q", 16)
-        pixdim = u("8d", 104)
-        vox_offset = u("q", 168)[0]
-        scl_slope, scl_inter = u("2d", 176)
-        qform_code, sform_code = u("2i", 344)
-        quat = u("6d", 352)
-        srow = np.array(u("12d", 400), float).reshape(3, 4)
-        xyzt_units = u("i", 500)[0]
-    ndim = int(dim[0])
-    if not 1 <= ndim <= 7:
-        raise InputError(f"{path}: invalid NIfTI dimension count {ndim}")
-    shape = [int(n) for n in dim[1:1 + ndim]]
-    if min(shape) < 1:
-        raise InputError(f"{path}: invalid NIfTI dimensions {shape}")
+    try:
+        img = nib.load(str(path))
+    except Exception as exc:  # nibabel raises many types for what is not NIfTI
+        raise InputError(f"{path}: not a NIfTI file ({_reason(exc)})") from None
+    hdr = img.header
+    magic = bytes(np.asarray(hdr["magic"]).tobytes()).rstrip(b"\x00") if "magic" in hdr else b""
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)) or magic not in (b"n+1", b"n+2"):
+        raise InputError(f"{path}: not a single-file NIfTI image (a .hdr/.img pair or ANALYZE 7.5 has no place here; "
+                         "save it as one .nii file)")
+    shape = tuple(int(n) for n in img.shape)
     if any(n != 1 for n in shape[3:]):
-        raise InputError(f"{path}: has {int(np.prod(shape[3:]))} volumes (dimensions {shape}); one mask per file")
-    code = int(datatype)
-    if code not in _NIFTI_DTYPES:
-        raise InputError(f"{path}: unsupported NIfTI data type {code} (need integer or float voxels)")
-    dt = np.dtype(_NIFTI_DTYPES[code]).newbyteorder(endian)
-    if int(bitpix) not in (0, dt.itemsize * 8):
-        raise InputError(f"{path}: bitpix {bitpix} does not match data type {code}")
-    offset = int(vox_offset)
-    if offset < size + 4:  # some writers leave 0: the data follow the header and the 4-byte extension flag
-        offset = size + 4
-    n = int(np.prod(shape))
-    if len(buf) < offset + n * dt.itemsize:
-        raise InputError(f"{path}: truncated NIfTI file ({len(buf)} bytes, need {offset + n * dt.itemsize})")
-    data = np.frombuffer(buf, dtype=dt, count=n, offset=offset).reshape(shape, order="F")
-    data = data.reshape(tuple(shape[:3]) + (1,) * (3 - len(shape[:3])), order="F").astype(dt.newbyteorder("="))
-    if np.isfinite(scl_slope) and scl_slope != 0 and not (scl_slope == 1 and (scl_inter == 0 or not np.isfinite(scl_inter))):
-        data = data * float(scl_slope) + (float(scl_inter) if np.isfinite(scl_inter) else 0.0)
-    if sform_code > 0:
-        affine = np.vstack([srow, [0, 0, 0, 1]])
-    elif qform_code > 0:
-        b, c, d, qx, qy, qz = (float(v) for v in quat)
-        qfac = -1.0 if pixdim[0] < 0 else 1.0
-        zooms = [float(pixdim[1]), float(pixdim[2]), float(pixdim[3]) if pixdim[3] > 0 else 1.0]
-        if zooms[0] <= 0 or zooms[1] <= 0:
-            raise InputError(f"{path}: invalid voxel size {zooms}")
-        affine = np.eye(4)
-        affine[:3, :3] = _quatern_to_matrix(b, c, d) @ np.diag([zooms[0], zooms[1], qfac * zooms[2]])
-        affine[:3, 3] = (qx, qy, qz)
-    else:
+        raise InputError(f"{path}: has {int(np.prod(shape[3:]))} volumes (dimensions {list(shape)}); one mask per file")
+    if int(hdr["sform_code"]) <= 0 and int(hdr["qform_code"]) <= 0:
         raise InputError(f"{path}: NIfTI file has no orientation (qform_code and sform_code are 0); "
                          "it cannot be placed on the T1 map")
+    try:
+        data = np.asanyarray(img.dataobj)
+    except Exception as exc:
+        raise InputError(f"{path}: unreadable NIfTI data ({_reason(exc)})") from None
+    if data.dtype.kind not in "biuf":
+        raise InputError(f"{path}: unsupported NIfTI data type {data.dtype} (need integer or float voxels)")
+    data = data.reshape(shape[:3] + (1,) * (3 - len(shape[:3])))
+    affine = np.array(img.affine, float)
     if not np.all(np.isfinite(affine)):
         raise InputError(f"{path}: NIfTI orientation is not finite")
-    affine = affine.copy()
-    affine[:3] *= _UNIT_TO_MM.get(int(xyzt_units) & 7, 1.0)
+    affine[:3] *= _UNIT_TO_MM.get(hdr.get_xyzt_units()[0], 1.0)
     return NiftiImage(data=data, affine=affine, path=str(path))
 
 
 def write_nifti(path, data: np.ndarray, affine: np.ndarray) -> Path:
-    """Write a NIfTI-1 single file (``.nii``, or gzip-compressed when the name ends in ``.gz``).
+    """Write a NIfTI-1 single file with nibabel (``.nii``, or gzip-compressed for ``.nii.gz``).
 
     Args:
         data: 2D or 3D array indexed ``[i, j(, k)]``; bool is written as uint8.
-        affine: 4x4 voxel index -> RAS+ mm; written as sform and qform (code 1, scanner).
+        affine: 4x4 voxel index -> RAS+ mm; written as sform and qform (code 1, scanner), unit mm.
     """
+    nib = _nibabel()
     path = Path(path)
     arr = np.asarray(data)
     if arr.dtype == bool:
@@ -404,40 +312,18 @@ def write_nifti(path, data: np.ndarray, affine: np.ndarray) -> Path:
         arr = arr[:, :, None]
     if arr.ndim != 3:
         raise InputError(f"write_nifti: need a 2D or 3D array, got {arr.shape}")
-    key = arr.dtype.str[1:]
-    if key not in _NIFTI_CODES:
-        raise InputError(f"write_nifti: unsupported type {arr.dtype}")
     affine = np.asarray(affine, float)
-    m = affine[:3, :3]
-    zooms = np.linalg.norm(m, axis=0)
-    if np.any(zooms <= 0):
+    if np.any(np.linalg.norm(affine[:3, :3], axis=0) <= 0):
         raise InputError("write_nifti: the affine has a zero-length axis")
-    r = m / zooms
-    qfac = 1.0
-    if np.linalg.det(r) < 0:
-        qfac = -1.0
-        r = r.copy()
-        r[:, 2] *= -1
-    b, c, d = _matrix_to_quatern(r)
-    hdr = bytearray(352)
-    struct.pack_into("<i", hdr, 0, 348)
-    hdr[38] = ord("r")
-    struct.pack_into("<8h", hdr, 40, 3, *arr.shape, 1, 1, 1, 1)
-    struct.pack_into("<2h", hdr, 70, _NIFTI_CODES[key], arr.dtype.itemsize * 8)
-    struct.pack_into("<8f", hdr, 76, qfac, *zooms, 0, 0, 0, 0)
-    struct.pack_into("<3f", hdr, 108, 352.0, 1.0, 0.0)
-    hdr[123] = 2  # NIFTI_UNITS_MM
-    struct.pack_into("<2h", hdr, 252, 1, 1)
-    struct.pack_into("<6f", hdr, 256, b, c, d, *affine[:3, 3])
-    struct.pack_into("<12f", hdr, 280, *affine[:3, :].ravel())
-    hdr[344:348] = b"n+1\x00"
-    payload = bytes(hdr) + np.asarray(arr, arr.dtype.newbyteorder("<")).tobytes(order="F")
+    try:
+        img = nib.Nifti1Image(arr, affine)
+    except Exception as exc:  # e.g. a data type NIfTI-1 has no code for
+        raise InputError(f"write_nifti: {_reason(exc)}") from None
+    img.set_sform(affine, code=1)
+    img.set_qform(affine, code=1)
+    img.header.set_xyzt_units("mm")
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.name.lower().endswith(".gz"):
-        with gzip.open(path, "wb") as f:
-            f.write(payload)
-    else:
-        path.write_bytes(payload)
+    nib.save(img, str(path))
     return path
 
 
@@ -485,7 +371,7 @@ def nifti_on_grid(img: NiftiImage, target: Geometry) -> np.ndarray:
 
     Raises:
         InputError: the volume is oblique to the target plane, sheared, or no slice of it lies
-            in the target plane (:func:`vne.geometry.planes_match`).
+            in the target plane (:func:`vne.exam.geometry.planes_match`).
     """
     m = LPS_FROM_RAS @ img.affine[:3, :3]
     t = LPS_FROM_RAS @ img.affine[:3, 3]
@@ -685,10 +571,6 @@ def read_dicom_seg(path, ds=None) -> DicomSeg:
                     study_uid=str(ds.get("StudyInstanceUID", "")), referenced=frozenset(referenced))
 
 
-def _parallel_same_plane(a: Geometry, b: Geometry) -> bool:
-    return abs(float(a.slice_dir @ b.slice_dir)) > 0.9998 and plane_distance_mm(a, b) < 0.5
-
-
 def seg_covers(seg: DicomSeg, t1: MRImage) -> bool:
     """Whether ``seg`` segments this T1 map: it references the instance, or a frame lies on it."""
     sop = str(t1.meta.get("SOPInstanceUID", ""))
@@ -711,7 +593,7 @@ def seg_frames_for(seg: DicomSeg, t1: MRImage) -> list[SegFrame]:
     if not matching:
         return []
     best = min(matching, key=lambda x: x[0])[1]
-    return [f for _, f in matching if _parallel_same_plane(f.geometry, best.geometry)]
+    return [f for _, f in matching if same_plane(f.geometry, best.geometry)]
 
 
 def _assign_segments(segs: list[DicomSeg], names) -> tuple[dict[str, tuple[DicomSeg, int]], str]:
@@ -791,9 +673,9 @@ def seg_masks(segs: Sequence[DicomSeg], t1: MRImage, names=None, threshold: floa
 def t1_slice_order(images: Iterable[MRImage]) -> list[MRImage]:
     """The distinct T1 maps of one exam in slice-index order (``s0, s1, ...``).
 
-    Order: (SeriesNumber, SeriesInstanceUID, InstanceNumber, file) as :func:`vne.dicom_io.read_dicom_folder`
+    Order: (SeriesNumber, SeriesInstanceUID, InstanceNumber, file) as :func:`vne.io.dicom.read_dicom_folder`
     sorts an exam; a repeated T1 map (same series and position) counts once, as in
-    :func:`vne.slices.build_slices`.
+    :func:`vne.prepare.slices.build_slices`.
     """
     def num(im, key):
         try:

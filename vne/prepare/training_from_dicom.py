@@ -2,11 +2,11 @@
 
 For every exam (StudyInstanceUID) under a folder:
 
-1. read and classify every instance (:func:`vne.dicom_io.read_dicom_folder`);
+1. read and classify every instance (:func:`vne.io.dicom.read_dicom_folder`);
 2. pair each T1 map with IR images, a cine slice and an LGE slice by orientation
-   (|cos| > 0.9) and position (< 4 mm) (:func:`vne.slices.build_slices`);
-3. resample cine and LGE onto the T1 grid (:func:`vne.slices.on_t1_grid`) and shape the inputs
-   exactly as the gadget does (:func:`vne.contract.model_inputs`);
+   (|cos| > 0.9) and position (< 4 mm) (:func:`vne.prepare.slices.build_slices`);
+3. resample cine and LGE onto the T1 grid (:func:`vne.prepare.slices.on_t1_grid`) and shape the inputs
+   exactly as the gadget does (:func:`vne.prepare.contract.model_inputs`);
 4. apply quality checks and log every inclusion and exclusion with its reason to
    ``inclusion_log.csv``.
 
@@ -24,10 +24,10 @@ import numpy as np
 from tqdm import tqdm
 
 from .contract import ModelContract, model_inputs
-from .dicom_io import read_dicom_folder
-from .exam import InputError
+from ..io.dicom import read_dicom_folder
+from ..errors import InputError
 from .slices import build_slices, on_t1_grid
-from .training_cache import write_index, write_slice
+from ..io.training_data import write_index, write_slice
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,8 @@ def build_cache_from_dicom(dicom_root: Path, out_dir: Path, contract: ModelContr
             entries.append({"slice_id": slice_id, "patient_id": patient, "case_id": exam.study_uid, "slice_index": k,
                             "lesion_burden": float("nan"), "lesion_free": False, "has_masks": False,
                             "source": f"dicom:{exam.source}"})
-            rows.append({"study_uid": exam.study_uid, "patient_id": patient, "slice": s.key, "decision": "included", "reason": "passed matching and quality checks"})
+            rows.append({"study_uid": exam.study_uid, "patient_id": patient, "slice": s.key, "decision": "included",
+                         "reason": "passed matching and quality checks"})
     with open(out_dir / "inclusion_log.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["study_uid", "patient_id", "slice", "decision", "reason"])
         w.writeheader()

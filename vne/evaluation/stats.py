@@ -15,18 +15,23 @@
   differences dropped: the ``wilcox`` zero method).
 - **SSIM** inside a mask: the SSIM map of Wang et al. 2004 (Gaussian window sigma 1.5 px,
   K1 0.01, K2 0.03, data range of the reference inside the mask) averaged over the mask.
+  :func:`ssim_map` and :func:`ssim_constants` are the one SSIM formula; the training loss
+  (``training.losses.ssim``, torch, differentiable) uses them too, with its own documented
+  convention: a fixed data range of 2 normalised PSIR units and an 11-pixel window over the
+  valid region (a loss sees whole crops and needs one scale for every batch; the report compares
+  one heart with its own reference range).
 - **PSNR** inside a mask: ``10 log10(range^2 / MSE)`` over mask pixels, range of the reference.
 - **False-positive rate**: among patients whose reference (LGE) is lesion-free, the fraction
   with VNE burden above 2% at FWHM.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage, stats
 
-from .exam import InputError
+from ..errors import InputError
 
 FALSE_POSITIVE_BURDEN = 0.02
 
@@ -122,22 +127,37 @@ def wilcoxon_signed_rank(a, b) -> tuple[float, float]:
     return float(res.statistic), float(res.pvalue)
 
 
-def ssim_in_mask(reference, test, mask, sigma: float = 1.5) -> float:
+SSIM_K1, SSIM_K2 = 0.01, 0.03
+SSIM_SIGMA_PX = 1.5
+
+
+def ssim_constants(data_range: float) -> tuple[float, float]:
+    """Wang et al.'s ``C1 = (K1 L)^2``, ``C2 = (K2 L)^2`` for the dynamic range ``L``."""
+    return (SSIM_K1 * data_range) ** 2, (SSIM_K2 * data_range) ** 2
+
+
+def ssim_map(mu_x, mu_y, sxx, syy, sxy, c1: float, c2: float):
+    """The SSIM of local means, variances and covariance (NumPy arrays or torch tensors alike)."""
+    return ((2 * mu_x * mu_y + c1) * (2 * sxy + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (sxx + syy + c2))
+
+
+def ssim_in_mask(reference, test, mask, sigma: float = SSIM_SIGMA_PX) -> float:
     """Mean SSIM over ``mask`` (see module docstring)."""
     ref = np.asarray(reference, float)
     img = np.asarray(test, float)
     m = np.asarray(mask, bool)
     if ref.shape != img.shape or m.shape != ref.shape or not m.any():
         raise InputError("SSIM needs equal shapes and a non-empty mask")
-    rng = float(ref[m].max() - ref[m].min()) or 1.0
-    c1, c2 = (0.01 * rng) ** 2, (0.03 * rng) ** 2
-    f = lambda a: ndimage.gaussian_filter(a, sigma, mode="reflect", truncate=3.5)  # noqa: E731
+    c1, c2 = ssim_constants(float(ref[m].max() - ref[m].min()) or 1.0)
+
+    def f(a):
+        return ndimage.gaussian_filter(a, sigma, mode="reflect", truncate=3.5)
+
     mu_x, mu_y = f(ref), f(img)
     sxx = f(ref * ref) - mu_x ** 2
     syy = f(img * img) - mu_y ** 2
     sxy = f(ref * img) - mu_x * mu_y
-    smap = ((2 * mu_x * mu_y + c1) * (2 * sxy + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (sxx + syy + c2))
-    return float(smap[m].mean())
+    return float(ssim_map(mu_x, mu_y, sxx, syy, sxy, c1, c2)[m].mean())
 
 
 def psnr_in_mask(reference, test, mask) -> float:
@@ -159,7 +179,3 @@ def false_positive_rate(reference_lesion_free, test_burden_fwhm, threshold: floa
     n = int(free.sum())
     fp = int(np.count_nonzero(free & (burden > threshold)))
     return (fp / n if n else float("nan")), fp, n
-
-
-def as_dict(obj) -> dict:
-    return asdict(obj)

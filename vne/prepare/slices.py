@@ -5,7 +5,7 @@ infer``, the real-DICOM training pipeline and the simulator's training cache:
 
 1. every T1 map is an anchor slice;
 2. IR magnitude/phase images, cine frames and LGE images are attached to the T1 map whose plane
-   they match (|cos| > 0.9 and < 4 mm, :func:`vne.geometry.planes_match`); cine and LGE
+   they match (|cos| > 0.9 and < 4 mm, :func:`vne.exam.geometry.planes_match`); cine and LGE
    images are grouped into slices first and the nearest matching slice wins;
 3. :func:`on_t1_grid` resamples everything onto the T1 grid in patient coordinates and restores
    the sign of the IR recovery (from phase images, else by polarity search).
@@ -20,8 +20,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .exam import Geometry, InputError, MRImage, Role, SliceSet
-from .geometry import plane_distance_mm, planes_match, resample_to_grid
+from ..errors import InputError
+from ..exam.data import Geometry, MRImage, Role, SliceSet
+from ..exam.geometry import plane_distance_mm, planes_match, resample_to_grid, same_plane
 
 log = logging.getLogger(__name__)
 
@@ -60,17 +61,12 @@ def slice_key(geom: Geometry) -> str:
     return f"slice@({p[0]:.1f},{p[1]:.1f},{p[2]:.1f})"
 
 
-def _same_plane(a: Geometry, b: Geometry) -> bool:
-    """The same slice position and orientation (within 0.5 mm and 1 degree)."""
-    return abs(float(a.slice_dir @ b.slice_dir)) > 0.9998 and plane_distance_mm(a, b) < 0.5
-
-
 def group_by_plane(images: list[MRImage]) -> list[list[MRImage]]:
     """Group images of one role into slices: same series and same plane."""
     groups: list[list[MRImage]] = []
     for im in images:
         for g in groups:
-            if g[0].series == im.series and _same_plane(g[0].geometry, im.geometry):
+            if g[0].series == im.series and same_plane(g[0].geometry, im.geometry):
                 g.append(im)
                 break
         else:
@@ -205,7 +201,7 @@ def on_t1_grid(s: SliceSet) -> SliceOnGrid:
     Raises:
         InputError: non-finite data, mismatched shapes, or no usable overlap.
     """
-    from .t1 import restore_polarity  # the T1 module is heavier; import on use
+    from ..t1 import restore_polarity  # the T1 module is heavier; import on use
 
     t1 = s.t1_map
     target = t1.geometry

@@ -5,7 +5,7 @@ grid), the ground-truth masks and the artefact-free LGE. :func:`evaluate` comput
 
 - lesion burden per patient for LGE (FWHM / FWQM / FWEM), VNE at the same and at the paper's
   adjusted thresholds, and the T1-map baseline (T1 > remote + 2 SD);
-- Pearson r, regression, ICC(A,1) with 95% CI and Bland–Altman per threshold (:mod:`vne.stats`);
+- Pearson r, regression, ICC(A,1) with 95% CI and Bland–Altman per threshold (:mod:`vne.evaluation.stats`);
 - SSIM and PSNR of VNE vs LGE inside the heart; the false-positive rate;
 - image quality: myocardium–blood CNR, remote-myocardium variance and agreement with the
   artefact-free LGE, for slices with and without LGE artefacts.
@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from ..prepare.contract import normalise_psir
 from . import quantify, stats
 
 THRESHOLDS = tuple(quantify.LGE_LEVELS)
@@ -88,12 +89,6 @@ def write_scorer_exams(results: list[SliceResult], out_dir: Path) -> tuple[Path,
     return cases, pred, skipped
 
 
-def normalise(img: np.ndarray, remote: np.ndarray, blood: np.ndarray) -> np.ndarray:
-    """``(x - mean_remote) / (mean_blood - mean_remote)``."""
-    lo, hi = float(img[remote].mean()), float(img[blood].mean())
-    return (img - lo) / (hi - lo if abs(hi - lo) > 1e-9 else 1.0)
-
-
 def heart_mask(myocardium: np.ndarray, dilate_px: int = 3) -> np.ndarray:
     """The LV: myocardium with its cavity filled, dilated a little."""
     filled = ndimage.binary_fill_holes(myocardium)
@@ -112,26 +107,28 @@ def _agreement(ref: np.ndarray, test: np.ndarray) -> dict:
     reg = stats.pearson_regression(ref, test)
     icc = stats.icc_a1(np.stack([ref, test], 1))
     ba = stats.bland_altman(ref, test)
+    _, wilcoxon_p = stats.wilcoxon_signed_rank(ref, test)
     return {"r": reg.r, "p": reg.p, "slope": reg.slope, "intercept": reg.intercept,
-            "icc": icc.icc, "icc_ci": [icc.ci_low, icc.ci_high], "bias": ba.bias, "loa": [ba.loa_low, ba.loa_high], "n": reg.n}
+            "icc": icc.icc, "icc_ci": [icc.ci_low, icc.ci_high], "bias": ba.bias, "loa": [ba.loa_low, ba.loa_high],
+            "wilcoxon_p": wilcoxon_p, "n": reg.n}
 
 
 def _quality(img: np.ndarray, r: SliceResult, lge: bool) -> dict:
     _, blood, remote = r.lge_masks() if lge else (r.myocardium, r.blood_pool, r.remote)
-    n = normalise(img, remote, blood)
+    n = normalise_psir(img, remote, blood)
     sd_remote = float(n[remote].std())
     return {"cnr": float((n[blood].mean() - n[remote].mean()) / max(sd_remote, 1e-6)), "remote_var": sd_remote ** 2}
 
 
 def _normalised_lge(r: SliceResult) -> np.ndarray:
     _, blood, remote = r.lge_masks()
-    return normalise(r.lge, remote, blood)
+    return normalise_psir(r.lge, remote, blood)
 
 
 def evaluate(results: list[SliceResult], margin_px: int = quantify.CONTOUR_MARGIN_PX) -> dict:
     """All numbers of the report (JSON-serialisable).
 
-    ``margin_px``: the contour margin of the quantification (:func:`vne.quantify.quantified_myocardium`).
+    ``margin_px``: the contour margin of the quantification (:func:`vne.evaluation.quantify.quantified_myocardium`).
     """
     patients = sorted({r.patient_id for r in results})
     lge_b = _burdens(results, lambda r: r.lge, quantify.LGE_LEVELS, margin_px, lge=True)
@@ -172,7 +169,7 @@ def evaluate(results: list[SliceResult], margin_px: int = quantify.CONTOUR_MARGI
     for r in results:
         hm = heart_mask(r.myocardium)
         ref = _normalised_lge(r)
-        test = normalise(r.vne, r.remote, r.blood_pool)
+        test = normalise_psir(r.vne, r.remote, r.blood_pool)
         ssim.append(stats.ssim_in_mask(ref, test, hm))
         psnr.append(stats.psnr_in_mask(ref, test, hm))
     out["ssim_heart"] = {"mean": float(np.mean(ssim)), "sd": float(np.std(ssim))}
@@ -192,9 +189,9 @@ def evaluate(results: list[SliceResult], margin_px: int = quantify.CONTOUR_MARGI
             continue
         q = {"n_slices": len(sel)}
         for name, img_of, norm_of in (("LGE", lambda r: r.lge, _normalised_lge),
-                                      ("VNE", lambda r: r.vne, lambda r: normalise(r.vne, r.remote, r.blood_pool))):
+                                      ("VNE", lambda r: r.vne, lambda r: normalise_psir(r.vne, r.remote, r.blood_pool))):
             qs = [_quality(img_of(r), r, lge=name == "LGE") for r in sel]
-            agree = [stats.ssim_in_mask(normalise(r.lge_clean, r.remote, r.blood_pool), norm_of(r), heart_mask(r.myocardium)) for r in sel]
+            agree = [stats.ssim_in_mask(normalise_psir(r.lge_clean, r.remote, r.blood_pool), norm_of(r), heart_mask(r.myocardium)) for r in sel]
             q[name] = {"cnr_blood_myocardium": float(np.median([x["cnr"] for x in qs])),
                        "remote_variance": float(np.median([x["remote_var"] for x in qs])),
                        "ssim_vs_artefact_free_lge": float(np.mean(agree))}
@@ -229,7 +226,8 @@ def _fig_agreement(metrics: dict, path: Path, title_prefix: str, key_fmt: str, v
         ax.scatter(m, d, s=14, alpha=0.8)
         for v, ls in ((a["bias"] * 100, "-"), (a["loa"][0] * 100, "--"), (a["loa"][1] * 100, "--")):
             ax.axhline(v, color="r", ls=ls, lw=1)
-        ax.set(xlabel="mean of VNE and LGE (%)", ylabel="VNE - LGE (%)", title=f"bias {a['bias'] * 100:+.1f}%, LoA [{a['loa'][0] * 100:+.1f}, {a['loa'][1] * 100:+.1f}]")
+        ax.set(xlabel="mean of VNE and LGE (%)", ylabel="VNE - LGE (%)",
+               title=f"bias {a['bias'] * 100:+.1f}%, LoA [{a['loa'][0] * 100:+.1f}, {a['loa'][1] * 100:+.1f}]")
     fig.suptitle(title_prefix)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
@@ -245,7 +243,7 @@ def _fig_panels(results: list[SliceResult], path: Path, n: int = 6, margin_px: i
     for c, r in enumerate(chosen):
         ii, jj = np.nonzero(heart_mask(r.myocardium, 12))
         win = (slice(ii.min(), ii.max() + 1), slice(jj.min(), jj.max() + 1))
-        vne_n = normalise(r.vne, r.remote, r.blood_pool)
+        vne_n = normalise_psir(r.vne, r.remote, r.blood_pool)
         lge_n = _normalised_lge(r)
         axes[0, c].imshow(r.t1_map_ms[win], cmap="viridis", vmin=700, vmax=1700 if np.median(r.t1_map_ms[r.remote]) < 1100 else 2000)
         axes[1, c].imshow(vne_n[win], cmap="gray", vmin=-0.5, vmax=1.5)
@@ -253,7 +251,7 @@ def _fig_panels(results: list[SliceResult], path: Path, n: int = 6, margin_px: i
         for row, (img, levels, (myo, blood, remote)) in ((3, (r.vne, quantify.VNE_ADJUSTED_LEVELS, (r.myocardium, r.blood_pool, r.remote))),
                                                           (4, (r.lge, quantify.LGE_LEVELS, r.lge_masks()))):
             masks = quantify.lesion_masks(img, myo, remote, blood, levels, margin_px)
-            axes[row, c].imshow(normalise(img, remote, blood)[win], cmap="gray", vmin=-0.5, vmax=1.5)
+            axes[row, c].imshow(normalise_psir(img, remote, blood)[win], cmap="gray", vmin=-0.5, vmax=1.5)
             over = np.zeros(masks["FWEM"].shape + (4,))
             for name in ("FWEM", "FWQM", "FWHM"):
                 over[masks[name]] = colours[name]
@@ -288,14 +286,15 @@ def write_report(metrics: dict, results: list[SliceResult], out_dir: Path, title
     lines = [f"# {title}", "", f"{metrics['n_patients']} patients, {metrics['n_slices']} slices.", ""]
     if "qc" in metrics:
         q = metrics["qc"]
-        lines += [f"Quality guard (vne.qc, qc=withhold): {q['refused']} of {q['slices']} slices refused "
+        lines += [f"Quality guard (vne.runtime.qc, qc=withhold): {q['refused']} of {q['slices']} slices refused "
                   f"({100 * q['refusal_rate']:.1f} %); refused slices are missing from every figure below, not counted as correct.", ""]
         lines += [f"- {r}" for r in q["reasons"][:20]] + ([""] if q["reasons"] else [])
     lines += ["## Lesion burden agreement (per patient)", "",
-             "| comparison | r | slope | ICC(A,1) [95% CI] | bias | LoA |", "| --- | --- | --- | --- | --- | --- |"]
+             "| comparison | r | slope | ICC(A,1) [95% CI] | bias | LoA | Wilcoxon p |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, a in metrics["agreement"].items():
         lines.append(f"| {name} | {a['r']:.3f} | {a['slope']:.2f} | {a['icc']:.3f} [{a['icc_ci'][0]:.2f}, {a['icc_ci'][1]:.2f}] | "
-                     f"{a['bias'] * 100:+.1f}% | [{a['loa'][0] * 100:+.1f}, {a['loa'][1] * 100:+.1f}]% |")
+                     f"{a['bias'] * 100:+.1f}% | [{a['loa'][0] * 100:+.1f}, {a['loa'][1] * 100:+.1f}]% | {a['wilcoxon_p']:.3g} |")
     lines += ["", "## Mean burden", "", "| method | mean burden |", "| --- | --- |"]
     lines += [f"| {k} | {v * 100:.1f}% |" for k, v in metrics["burden_mean"].items()]
     fp = metrics["false_positive"]
@@ -309,7 +308,8 @@ def write_report(metrics: dict, results: list[SliceResult], out_dir: Path, title
     for group, q in metrics["image_quality"].items():
         for name in ("LGE", "VNE"):
             v = q[name]
-            lines.append(f"| {group} (n={q['n_slices']}) | {name} | {v['cnr_blood_myocardium']:.1f} | {v['remote_variance']:.4f} | {v['ssim_vs_artefact_free_lge']:.3f} |")
+            lines.append(f"| {group} (n={q['n_slices']}) | {name} | {v['cnr_blood_myocardium']:.1f} | {v['remote_variance']:.4f} | "
+                         f"{v['ssim_vs_artefact_free_lge']:.3f} |")
     if metrics.get("ablations"):
         keys = [k for k in next(iter(metrics["ablations"].values())) if k != "ssim_heart"]
         lines += ["", "## Ablations (burden agreement r / ICC(A,1), adjusted VNE thresholds)", "",
@@ -319,8 +319,9 @@ def write_report(metrics: dict, results: list[SliceResult], out_dir: Path, title
             lines.append(f"| {name} | " + " | ".join(cells) + f" | {a['ssim_heart']:.3f} |")
     lines += ["", "## Figures", "", "| file | what |", "| --- | --- |"]
     lines += [f"| [{k}]({k}) | {v} |" for k, v in figs.items()]
-    lines += ["", "## Definitions", "", "See `vne/stats.py` and `vne/quantify.py` docstrings: ICC(A,1) is two-way, absolute agreement, "
-              "single measure (McGraw & Wong case 2A); Bland–Altman limits are bias ± 1.96 SD; burden = lesion area / "
+    lines += ["", "## Definitions", "", "See `vne/evaluation/stats.py` and `vne/evaluation/quantify.py` docstrings: ICC(A,1) is two-way, absolute agreement, "
+              "single measure (McGraw & Wong case 2A); Bland–Altman limits are bias ± 1.96 SD; Wilcoxon p is the two-sided "
+              "signed-rank test of the paired per-patient burdens (zero differences dropped); burden = lesion area / "
               "myocardium area over all slices of a patient, the myocardium taken "
               f"{metrics.get('contour_margin_px', quantify.CONTOUR_MARGIN_PX)} pixel(s) inside its borders (contour margin, "
               "docs/evaluation.md)."]

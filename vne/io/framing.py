@@ -299,7 +299,7 @@ def decode_image(frame: Frame):
         raise ValueError(f"{frame.name} is not an image")
     copy = bytes(bytearray(frame.payload))
     if int(frame.head.data_type) == ismrmrd.DATATYPE_INT:
-        from .pipeline import RawImage
+        from ..runtime.pipeline import RawImage
 
         return RawImage(ismrmrd.ImageHeader.from_buffer_copy(copy[:IMAGE_HEADER_BYTES]), copy)
     try:

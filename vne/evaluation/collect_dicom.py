@@ -1,15 +1,15 @@
-"""VNE vs LGE on real DICOM exams: :class:`vne.evaluate.SliceResult` from DICOM folders and mask files.
+"""VNE vs LGE on real DICOM exams: :class:`vne.evaluation.analysis.SliceResult` from DICOM folders and mask files.
 
 :func:`collect_dicom` is the real-data counterpart of ``vne evaluate``'s simulated-exam
-collector (:func:`vne.commands.evaluate.collect`):
+collector (:func:`vne.evaluation.collect_simulated.collect`):
 
-1. every study under the exams folder is read with :func:`vne.dicom_io.read_dicom_folder`;
+1. every study under the exams folder is read with :func:`vne.io.dicom.read_dicom_folder`;
 2. the model runs through the same pipeline as ``vne infer`` on DICOM
-   (:meth:`vne.pipeline.VNEPipeline.add_images`, study cache off);
+   (:meth:`vne.runtime.pipeline.VNEPipeline.add_images`, study cache off);
 3. the LGE is matched and brought onto each T1 map's grid by the shared matching code
-   (:func:`vne.slices.build_slices` with ``need_lge=True``, :func:`vne.slices.on_t1_grid`);
-4. the masks of each T1 map come from the masks folder (:class:`vne.masks.MaskStore`; layout
-   and formats in :mod:`vne.masks` and ``docs/masks.md``), looked up by the T1 map's
+   (:func:`vne.prepare.slices.build_slices` with ``need_lge=True``, :func:`vne.prepare.slices.on_t1_grid`);
+4. the masks of each T1 map come from the masks folder (:class:`vne.io.masks.MaskStore`; layout
+   and formats in :mod:`vne.io.masks` and ``docs/masks.md``), looked up by the T1 map's
    SOPInstanceUID or slice index ``s<k>`` under the exam's folder name, PatientID or
    StudyInstanceUID.
 
@@ -26,9 +26,9 @@ Whether a patient is lesion-free (for the false-positive rate), in this order:
    them are empty;
 3. else not lesion-free (unknown is never counted as lesion-free).
 
-Slices without masks (:class:`vne.masks.MasksNotFound`), without a matching LGE or without a
+Slices without masks (:class:`vne.io.masks.MasksNotFound`), without a matching LGE or without a
 VNE image are skipped with a logged reason; masks that are found but unusable raise
-:class:`vne.exam.InputError` (or are skipped with a warning, with ``skip_bad_masks``).
+:class:`vne.errors.InputError` (or are skipped with a warning, with ``skip_bad_masks``).
 """
 from __future__ import annotations
 
@@ -38,7 +38,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .exam import Exam, InputError
+from ..errors import InputError
+from ..exam.data import Exam
 
 log = logging.getLogger(__name__)
 
@@ -67,24 +68,24 @@ def collect_dicom(exams_dir, masks_dir, model=None, *, lesion_free_csv=None,
 
     Args:
         exams_dir: a folder of DICOM exams (any nesting; one exam per StudyInstanceUID).
-        masks_dir: the masks folder or file (:mod:`vne.masks`).
-        model: ONNX model path (None: the default model, :func:`vne.model.find_default_model`).
+        masks_dir: the masks folder or file (:mod:`vne.io.masks`).
+        model: ONNX model path (None: the default model, :func:`vne.runtime.model.find_default_model`).
         lesion_free_csv: per-patient lesion-free CSV (default ``<masks_dir>/lesion_free.csv`` if present).
-        names: mask name overrides (:data:`vne.masks.DEFAULT_NAMES`), e.g. DICOM-SEG labels.
+        names: mask name overrides (:data:`vne.io.masks.DEFAULT_NAMES`), e.g. DICOM-SEG labels.
         threshold: mask threshold for fractional masks.
         skip_bad_masks: skip (with a warning) slices whose masks are unusable instead of raising.
 
     Returns:
-        list of :class:`vne.evaluate.SliceResult`, exam by exam, in slice order.
+        list of :class:`vne.evaluation.analysis.SliceResult`, exam by exam, in slice order.
 
     Raises:
         InputError: no exams, the model cannot be loaded, unusable masks, or nothing to evaluate.
     """
-    from .dicom_io import read_dicom_folder
-    from .evaluate import SliceResult
-    from .masks import MaskStore, MasksNotFound, read_lesion_free_csv, t1_slice_order
-    from .pipeline import PipelineConfig, VNEPipeline
-    from .slices import build_slices, on_t1_grid
+    from ..io.dicom import read_dicom_folder
+    from .analysis import SliceResult
+    from ..io.masks import MaskStore, MasksNotFound, read_lesion_free_csv, t1_slice_order
+    from ..runtime.pipeline import PipelineConfig, VNEPipeline
+    from ..prepare.slices import build_slices, on_t1_grid
 
     exams_dir, masks_dir = Path(exams_dir), Path(masks_dir)
     store = MaskStore(masks_dir, names, threshold)
