@@ -919,87 +919,22 @@ def write_raw_image(destination, raw: RawImage) -> None:
     destination.write(raw.payload)
 
 
-class EOFGuardSocket:
-    """A socket proxy whose ``recv`` raises on end of file.
-
-    ``gadgetron.external.Connection`` reads with ``recv(n, MSG_WAITALL)`` in a loop that never
-    ends when the peer has gone (``recv`` keeps returning ``b''``); with this proxy a dropped
-    stream raises :class:`ConnectionAbortedError` instead, and the gadget can finish cleanly.
-    """
-
-    def __init__(self, sock) -> None:
-        self._sock = sock
-
-    def recv(self, n, *flags):
-        data = self._sock.recv(n, *flags)
-        if n and not data:
-            raise ConnectionAbortedError("connection closed by the peer in the middle of the stream")
-        return data
-
-    def __getattr__(self, name):
-        return getattr(self._sock, name)
-
-
-def guard_connection(connection) -> None:
-    """Make a ``gadgetron.external.Connection`` safe for the stream's lifetime (idempotent):
-    :class:`EOFGuardSocket` under it, and :func:`read_image_safely` / :func:`write_raw_image`
-    for IMAGE messages (4-byte ``DATATYPE_INT`` images pass byte for byte)."""
-    wrapper = getattr(connection, "socket", None)
-    sock = getattr(wrapper, "socket", None)
-    if sock is not None and not isinstance(sock, EOFGuardSocket) and hasattr(sock, "recv"):
-        wrapper.socket = EOFGuardSocket(sock)
-    if hasattr(connection, "add_reader") and not getattr(connection, "_vne_guarded", False):
-        connection.add_reader(1022, read_image_safely)
-        # not add_writer: in gadgetron 1.4.1 its wrapper takes one argument but send() passes two
-        writers = getattr(connection, "writers", None)
-        if isinstance(writers, list):
-            writers.insert(0, (lambda item: isinstance(item, RawImage), write_raw_image))
-        connection._vne_guarded = True
-
-
 def run_connection(connection, defaults: PipelineConfig | None = None, *, model=None) -> VNEPipeline:
-    """Serve one Gadgetron external connection: pass-through first, VNE as slices complete.
+    """Serve one Gadgetron external connection: every data message passed on by its exact bytes
+    first, VNE added as slices complete (:func:`vne.gadgetron_link.run_link`).
 
     Args:
-        connection: a ``gadgetron.external.Connection`` (iterable, ``send``, ``header``, ``config``).
+        connection: a ``gadgetron.external.Connection`` (CONFIG and HEADER read; execute mode)
+            or a :class:`vne.gadgetron_link.GadgetronLink` (``vne serve``).
         defaults: settings the connection's properties are applied on top of (``vne serve``).
 
     Returns:
         the pipeline (for its :attr:`~VNEPipeline.results` and :attr:`~VNEPipeline.problems`).
     """
-    guard_connection(connection)
-    props = properties_from_config(getattr(connection, "config", None))
-    config_error = None
-    try:
-        # a client of `vne serve` (which marks its connections untrusted) cannot name files
-        config = PipelineConfig.from_properties(props, base=defaults,
-                                                trusted=getattr(connection, "vne_trusted", True))
-    except InputError as exc:
-        config_error = str(exc)
-        config = replace(defaults or PipelineConfig(), enabled=False)
-    if model is not None and config.model and config.model != (defaults.model if defaults else None):
-        model = None  # the connection asks for another model file: load (or reuse) that one
-    pipeline = VNEPipeline(config, header=getattr(connection, "header", None), model=model)
-    if config_error:
-        pipeline.problems = [m for m in pipeline.problems if "'enabled' property" not in m]
-        pipeline._disable(f"bad configuration: {config_error}")
-    dropped = False
-    try:
-        for item in connection:
-            for out in pipeline.feed_iter(item):
-                connection.send(out)
-    except (ConnectionError, OSError, EOFError) as exc:
-        dropped = True
-        log.error("VNE gadget: stream lost (%s)", exc)
-    except Exception as exc:  # a reader error in the connection (unknown message, bad bytes)
-        dropped = True
-        log.error("VNE gadget: stream unreadable (%s: %s)", exc.__class__.__name__, exc)
-    try:
-        for out in pipeline.finish(dropped=dropped):
-            connection.send(out)
-    except (ConnectionError, OSError) as exc:
-        log.error("VNE gadget: could not send the last VNE images (%s)", exc)
-    return pipeline
+    from .gadgetron_link import GadgetronLink, run_link
+
+    link = connection if isinstance(connection, GadgetronLink) else GadgetronLink.from_connection(connection)
+    return run_link(link, defaults, model=model)
 
 
 def process_stream(items: Iterable, config: PipelineConfig | None = None, header=None, *, model=None) -> tuple[list, VNEPipeline]:
