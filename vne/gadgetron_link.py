@@ -239,6 +239,8 @@ class GadgetronLink:
             return self._end(f"{self._where()}: {exc} (no CLOSE)")
         except F.FramingError as exc:  # LimitError, undefined data type
             return self._end(f"{self._where()}: {exc}")
+        except MemoryError:  # a length within the limits that this machine cannot hold
+            return self._end(f"{self._where()}: not enough memory for its declared length (lower --max-message-mb)")
         except (socket.timeout, TimeoutError, BlockingIOError):
             t = f"{self.read_timeout_s:g} s" if self.read_timeout_s else "the socket timeout"
             return self._end(f"no data from the peer for {t} (--read-timeout) after message {r.n_frames}")
@@ -400,5 +402,5 @@ def run_link(link: GadgetronLink, defaults=None, *, model=None, cache_wait_s: fl
         log.info("Gadgetron stream %s: %d data message(s) in, %d passed on unchanged, %d VNE image(s)%s%s", link.peer,
                  sum(link.received.values()), link.sent["passed"], link.sent["IMAGE"],
                  f", {n_undecodable} image(s) not decodable" if n_undecodable else "",
-                 f"; input ended early: {link.error}" if link.error else "")
+                 "; input not read to its end (reason above)" if link.error else "")
     return pipeline

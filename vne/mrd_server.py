@@ -113,6 +113,9 @@ class MRDConnection:
             return self._end(f"message {self.n_frames + 1} at byte {self.reader.frame_start}: {exc} (no CLOSE)")
         except F.FramingError as exc:
             return self._end(f"message {self.n_frames + 1} at byte {self.reader.frame_start}: {exc}")
+        except MemoryError:  # a length within the limits that this machine cannot hold
+            return self._end(f"message {self.n_frames + 1} at byte {self.reader.frame_start}: not enough memory for "
+                             f"its declared length (lower --max-message-mb)")
         except (socket.timeout, TimeoutError):
             return self._end(f"no data for {self.read_timeout_s:g} s after message {self.n_frames} (read timeout)")
         except OSError as exc:
