@@ -658,3 +658,62 @@ def test_kill_right_after_close_keeps_the_acknowledged_cache_write(tmp_path, hea
     s = study_key(parse_header(header))
     back = StudyCache(cache).get(study_uid=s[0], frame_of_reference_uid=s[1])
     assert len(back) == len(cine), f"{len(back)} of {len(cine)} cine images in the cache after a kill at CLOSE"
+
+
+# ---------------------------------------------------------------------------- more cases
+def image_array_msg() -> bytes:
+    """A Gadgetron IMAGE_ARRAY (id 1024) as gadgetron.types writes it."""
+    import io
+
+    from gadgetron.types.image_array import ImageArray, write_image_array
+
+    class W:
+        def __init__(self):
+            self.b = io.BytesIO()
+
+        def write(self, data):
+            self.b.write(bytes(data))
+
+    heads = np.empty((2, 1, 1), dtype=object)
+    for i in range(2):
+        h = ismrmrd.ImageHeader()
+        h.image_index = i + 1
+        heads[i, 0, 0] = h
+    data = (np.arange(2 * 4 * 4, dtype=np.float32) + 1j).astype(np.complex64).reshape(4, 4, 1, 1, 2, 1, 1)
+    arr = ImageArray(data=data, headers=heads, meta=['<?xml version="1.0"?>\n<ismrmrdMeta/>\n'] * 2)
+    w = W()
+    write_image_array(w, arr)
+    return w.b.getvalue()
+
+
+def test_gadgetron_image_array_passes_by_bytes(servers, header, caplog):
+    """A Gadgetron compound message (IMAGE_ARRAY, id 1024) among images: framed by gadgetron's
+    own reader, passed on byte-identical, the stream goes on."""
+    pytest.importorskip("gadgetron.types.image_array")
+    caplog.set_level(logging.INFO)
+    msgs = small_stream(4, seed=5)
+    arr = image_array_msg()
+    sent = msgs[:2] + [arr] + msgs[2:]
+    sock = socket.create_connection(("127.0.0.1", servers["gadgetron"].port), timeout=30)
+    me = "%s:%d" % sock.getsockname()[:2]
+    sock.sendall(preamble("gadgetron", header) + b"".join(sent) + u16(CLOSE))
+    back = b""
+    while chunk := sock.recv(1 << 16):  # the server closes after its CLOSE
+        back += chunk
+    sock.close()
+    assert back == b"".join(sent) + u16(CLOSE), "the image array and every image come back byte-identical, in order"
+    assert reasons_for(caplog, me) == []
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_absurd_header_length_is_refused_then_the_next_connection_is_served(servers, caplog, protocol):
+    """A HEADER declaring 2^31 bytes is refused before anything is read or allocated: one log
+    line names the length and the limit, the client gets CLOSE, the next connection is served."""
+    caplog.set_level(logging.INFO)
+    server = servers[protocol]
+    first = text_msg(2, "<configuration/>") if protocol == "gadgetron" else config_file("vne")
+    replies, closed, me = server.talk(first + struct.pack("<HI", 3, 1 << 31) + b"<ismrmrdHeader>" * 100)
+    assert closed and [mid for mid, _ in replies if mid != TEXT] == []
+    lines = reasons_for(caplog, me)
+    assert len([m for m in lines if "HEADER declares 2147483648 bytes, over the limit of 1048576 bytes" in m]) == 1, lines
+    clean_stream_works(server, header_xml())
