@@ -233,8 +233,8 @@ def header_xml() -> str:
 
 
 def preamble(protocol: str, header: str) -> bytes:
-    if protocol == "gadgetron":
-        return text_msg(2, "<configuration/>") + text_msg(3, header)
+    if protocol == "gadgetron":  # as ismrmrd.serialization sends them: no NUL (gadgetron.external parses them)
+        return text_msg(2, "<configuration/>", nul=False) + text_msg(3, header, nul=False)
     return config_file("vne") + text_msg(3, header)
 
 
@@ -717,3 +717,51 @@ def test_absurd_header_length_is_refused_then_the_next_connection_is_served(serv
     lines = reasons_for(caplog, me)
     assert len([m for m in lines if "HEADER declares 2147483648 bytes, over the limit of 1048576 bytes" in m]) == 1, lines
     clean_stream_works(server, header_xml())
+
+
+@pytest.mark.parametrize("fault", ["clean", "unknown id mid-stream"])
+def test_gadget_on_a_gadgetron_external_connection(header, caplog, fault):
+    """Execute mode's path: the gadget function on a real ``gadgetron.external.Connection``
+    (which reads CONFIG and HEADER itself) takes the socket over and passes every message by
+    bytes, pugixml meta included; exactly one CLOSE comes back (ours; the connection's own
+    close at the end of ``with`` sends none)."""
+    pytest.importorskip("gadgetron.external")
+    from gadgetron.external import Connection
+
+    from gadgets.vne_gadget import gadget
+    from vne.pipeline import PipelineConfig
+
+    caplog.set_level(logging.INFO)
+    msgs = small_stream()
+    data = FAULTS[fault](msgs)
+    frames, end = reference_frames(data)
+    expected = b"".join(raw for mid, raw in frames if mid in DATA_IDS) + u16(CLOSE)
+    srv = H.listen_local()
+    port = srv.getsockname()[1]
+    errors = []
+    sock = None
+
+    def gadget_side():
+        try:
+            with Connection(socket.create_connection(("127.0.0.1", port), 30)) as conn:
+                gadget(conn, PipelineConfig(enabled=False, cache_dir="none"))
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+            if sock is not None:
+                sock.close()
+
+    t = threading.Thread(target=gadget_side, daemon=True)
+    t.start()
+    sock, _ = srv.accept()
+    srv.close()
+    sock.settimeout(30)
+    threading.Thread(target=sock.sendall, args=(preamble("gadgetron", header) + data,), daemon=True).start()
+    back = b""
+    while chunk := sock.recv(1 << 16):
+        back += chunk
+    sock.close()
+    t.join(30)
+    assert not t.is_alive() and not errors, errors
+    assert back == expected, f"{fault}: {len(back)} bytes back, expected {len(expected)} ({end})"
+    lines = [r.getMessage() for r in caplog.records if "input not read further" in r.getMessage()]
+    assert len(lines) == (0 if end == "close" else 1) and (end == "close" or "unknown message id 999" in lines[0])

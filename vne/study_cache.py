@@ -14,8 +14,13 @@ Layout (``root`` is created with mode 0700: the entries hold patient images)::
                                         meta, the study identifiers, the source connection
 
 ``<study hash>`` is a SHA-256 of the two UIDs (no identifiers in file names). Both files are
-written to a temporary name and renamed into place (the JSON last: it marks the entry
-complete), so a reader never sees half an entry and a crash leaves no corrupt one.
+written to a temporary name (``.<name>.<pid>.<random>.tmp``), fsync'ed and renamed into place,
+then the folder is fsync'ed (the JSON last: it marks the entry complete), so a reader never sees
+half an entry, a crash leaves no corrupt one, and an entry that :meth:`StudyCache.put` wrote is on
+disk. The servers wait for a stream's background write (:func:`wait_for_write`, up to
+:data:`WRITE_WAIT_S`) before sending that stream's CLOSE: an acknowledged stream's entries
+survive a kill of the server. Leftover temporary files of processes that are gone are deleted at
+a process's first use of the folder (:func:`sweep_stale`).
 
 Trust: the folder must be private (:func:`folder_problem`: a real directory, not a symlink,
 owned by this user, not writable by group or others; a missing one is created 0700), else the
@@ -26,7 +31,8 @@ logged reason instead of raising.
 
 Limits: entries older than ``max_age_hours`` are ignored and deleted; when the whole cache is
 larger than ``max_mb`` the oldest entries are deleted first. Both are enforced on every write;
-a ``max_mb`` smaller than one entry is logged as a WARNING (the cache then keeps nothing).
+a ``max_mb`` smaller than one entry is logged as a WARNING, once per process (the cache then
+keeps nothing).
 An unwritable or unreadable folder is logged once and the cache behaves as empty: the
 pipeline carries on without it.
 """
