@@ -485,6 +485,7 @@ def serve(srv: socket.socket, defaults=None, model=None, options: ServerOptions 
                 t = threading.Thread(target=run_one, args=(conn, peer, reader), name=f"vne-mrd-{n}", daemon=True)
             else:
                 log.warning("MRD connection %d from %s refused: %d connections active", n, peer, options.max_active)
+                reader.waiting = True  # nothing of it is served: a stop never cuts it
                 t = threading.Thread(target=_reject_busy, args=(conn, peer, options), name=f"vne-mrd-busy-{n}", daemon=True)
             t.start()
             tracker.add(reader, t, peer)

@@ -27,10 +27,11 @@ descriptors) is logged and retried with a back-off: the server never stops liste
 Declared message lengths are checked against ``--max-message-mb`` (data) and 16 MiB (texts,
 image attributes) before anything is allocated.
 
-SIGTERM (:mod:`vne.shutdown`): the listener closes, open connections get ``--shutdown-grace``
-seconds (default 5) to finish; then a connection waiting between messages is closed like a
-stream that ended (VNE for its complete slices, CLOSE) and one inside a message or still
-working is cut. One log line gives the counts; the exit code is 0, or 3 if a stream was cut.
+SIGTERM or Ctrl-C (:mod:`vne.shutdown`; a second Ctrl-C stops waiting, exit code 130): the
+listener closes, open connections get ``--shutdown-grace`` seconds (default 5) to finish; then a
+connection waiting between messages is closed like a stream that ended (VNE for its complete
+slices, CLOSE) and one inside a message or still working is cut. One log line gives the counts;
+the exit code is 0, or 3 if a stream was cut.
 """
 from __future__ import annotations
 
@@ -263,10 +264,13 @@ def run(args) -> int:
     signals: list[str] = []
     if threading.current_thread() is threading.main_thread():
         def on_signal(signum, _frame):  # only flags: the accept loop logs and drains
+            if signum == signal.SIGINT and stop.is_set():
+                raise KeyboardInterrupt  # a second Ctrl-C: stop waiting
             signals.append(signal.Signals(signum).name)
             stop.set()
 
         signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
     grace = float(getattr(args, "shutdown_grace", DEFAULT_GRACE_S))
     if grace < 0:
         raise InputError("--shutdown-grace must not be negative")
