@@ -365,10 +365,6 @@ def _with_bad_image(msgs: list[bytes], k: int, *, attr=None, data_delta: int = 0
     return out
 
 
-def _images(msgs: list[bytes]) -> int:
-    return sum(struct.unpack_from("<H", m)[0] == IMAGE for m in msgs)
-
-
 FAULTS = {
     # name: (data bytes maker, expected data messages back out of those sent, specific reason or None)
     "clean": lambda m: b"".join(m) + u16(CLOSE),
