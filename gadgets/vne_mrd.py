@@ -49,6 +49,7 @@ import ismrmrd
 from vne.runtime import mrd_server
 from vne.errors import InputError
 from vne.runtime.pipeline import PROPERTY_DOCS, SERVER_ONLY_PROPERTIES, PipelineConfig, RawImage, VNEPipeline
+from vne.runtime.study_store import wait_for_write
 
 log = logging.getLogger("vne.mrd_module")
 
@@ -204,6 +205,7 @@ def process(connection, config, metadata, *, defaults: PipelineConfig | None = N
                 connection.send_image(list(last))
                 n_vne += len(last)
             forward_problems()
+            wait_for_write(pipeline.cache_thread)  # the study-cache write is on disk before our CLOSE
             series = sorted({r.series_index for r in pipeline.results})
             connection.send_logging(
                 MRD_LOGGING_INFO,

@@ -28,7 +28,7 @@ does that on a copy, and its failure never affects the frame.
 
 Sizes of image ``data_type`` values follow the ISMRMRD C/C++ definition (``DATATYPE_INT`` is a
 4-byte int32), which is what the bytes on the wire are, whatever ``ismrmrd`` for Python makes of
-them (it decodes ``DATATYPE_INT`` as int64: see :class:`vne.pipeline.RawImage`).
+them (it decodes ``DATATYPE_INT`` as int64: see :class:`vne.runtime.pipeline.RawImage`).
 """
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ import logging
 import socket
 import struct
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,6 +75,28 @@ DATA_TYPE_NAMES = {1: "uint16", 2: "int16", 3: "uint32", 4: "int32", 5: "float32
                    7: "complex64", 8: "complex128"}
 
 MiB = 1 << 20
+
+
+class RawImage:
+    """An ISMRMRD image message kept as its wire bytes, passed on byte for byte.
+
+    ``ismrmrd`` (Python) decodes ``DATATYPE_INT`` as 8-byte int64, while C++ writers send
+    4-byte int32 (``../shared/docs/scanner-streams.md``): decoding such an image would read
+    the wrong number of bytes and wreck the rest of the stream. :func:`read_image_safely` keeps
+    those images raw instead; the pipeline passes them on and does not use them.
+    """
+
+    def __init__(self, header, payload: bytes) -> None:
+        self.header = header
+        self.payload = payload  # everything after the message id
+
+    @property
+    def image_series_index(self) -> int:
+        return int(self.header.image_series_index)
+
+    @property
+    def image_index(self) -> int:
+        return int(self.header.image_index)
 
 
 def message_name(msg_id: int) -> str:
@@ -284,11 +307,78 @@ def read_frame(src, limits: FrameLimits = DEFAULT_LIMITS) -> Frame | None:
     raise UnknownMessageError(msg_id)
 
 
+class FrameReader:
+    """Frames from one connection's socket, with what a server needs around :func:`read_frame`.
+
+    - :attr:`offset`: bytes read so far (error messages name the byte a bad message starts at);
+    - :attr:`waiting`: True while blocked before the first byte of a message, i.e. the peer is
+      idle between messages (a stopping server ends such a connection without cutting anything);
+    - :meth:`stop`: ends the reading from another thread (shuts the socket's read side, so a
+      blocked read returns at once); :attr:`stop_reason` says why. Reads after that see the
+      end of the stream: at a message boundary :meth:`read` returns None, inside a message it
+      raises :class:`TruncatedError`;
+    - :meth:`push_back`: a frame to be read again (a reader that looked one message ahead).
+    """
+
+    def __init__(self, sock, limits: FrameLimits = DEFAULT_LIMITS) -> None:
+        self.sock = sock
+        self.limits = limits
+        self.offset = 0
+        self.frame_start = 0
+        self.n_frames = 0
+        self.waiting = False
+        self.stop_reason: str | None = None
+        self.cut_mid_message = False  # stop() ended the stream inside a message
+        self._pending: list[Frame] = []
+
+    def recv_into(self, view, n: int) -> int:
+        if self.stop_reason is not None:
+            return 0
+        k = self.sock.recv_into(view, n)
+        if k:
+            self.waiting = False
+            self.offset += k
+        return k
+
+    def read(self) -> Frame | None:
+        """The next frame (:func:`read_frame` with this reader's limits), None at the end."""
+        if self._pending:
+            return self._pending.pop()
+        self.frame_start = self.offset
+        self.waiting = True
+        try:
+            frame = read_frame(self, self.limits)
+        except TruncatedError:
+            if self.stop_reason is not None:
+                self.cut_mid_message = True
+            raise
+        finally:
+            self.waiting = False
+        if frame is not None:
+            self.n_frames += 1
+        return frame
+
+    def read_exactly(self, n: int, what: str) -> bytes:
+        """``n`` more bytes of the current message (for readers of compound messages)."""
+        return _read_exactly(self, n, what)
+
+    def push_back(self, frame: Frame) -> None:
+        self._pending.append(frame)
+
+    def stop(self, reason: str) -> None:
+        """End reading (thread-safe): the next or current read sees the end of the stream."""
+        self.stop_reason = reason
+        try:
+            self.sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
+
+
 def decode_image(frame: Frame):
     """The image of an IMAGE frame, decoded from a copy of its bytes.
 
     Returns:
-        an ``ismrmrd.Image``, or a :class:`vne.pipeline.RawImage` for 4-byte ``DATATYPE_INT``
+        an ``ismrmrd.Image``, or a :class:`vne.runtime.pipeline.RawImage` for 4-byte ``DATATYPE_INT``
         data (which ``ismrmrd`` for Python would misread).
 
     Raises:
@@ -299,7 +389,6 @@ def decode_image(frame: Frame):
         raise ValueError(f"{frame.name} is not an image")
     copy = bytes(bytearray(frame.payload))
     if int(frame.head.data_type) == ismrmrd.DATATYPE_INT:
-        from ..runtime.pipeline import RawImage
 
         return RawImage(ismrmrd.ImageHeader.from_buffer_copy(copy[:IMAGE_HEADER_BYTES]), copy)
     try:
@@ -328,7 +417,7 @@ def pack_close() -> bytes:
 
 
 def pack_image(image) -> bytes:
-    """An ``ismrmrd.Image`` (or a :class:`vne.pipeline.RawImage`) as an IMAGE message."""
+    """An ``ismrmrd.Image`` (or a :class:`vne.runtime.pipeline.RawImage`) as an IMAGE message."""
     payload = getattr(image, "payload", None)
     if isinstance(payload, (bytes, bytearray)):
         return _ID.pack(IMAGE) + bytes(payload)
@@ -338,6 +427,33 @@ def pack_image(image) -> bytes:
 def pack_item(msg_id: int, item) -> bytes:
     """An ``ismrmrd`` Acquisition / Waveform / Image as a message."""
     return _ID.pack(msg_id) + item.to_bytes()
+
+
+def linger_close(sock, seconds: float, max_bytes: int = 256 * MiB) -> None:
+    """Close after our last message: stop writing, drain what the peer still sends (bounded by
+    ``seconds`` and ``max_bytes``), then close, so that closing with unread input does not reset
+    the connection before the peer has read our last messages."""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + seconds
+        n = 0
+        buf = bytearray(1 << 16)
+        while n < max_bytes:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            sock.settimeout(left)
+            k = sock.recv_into(buf)
+            if not k:
+                break
+            n += k
+    except OSError:
+        pass
+    finally:
+        try:
+            sock.close()
+        except OSError:
+            pass
 
 
 # ---------------------------------------------------------------------------- listening

@@ -56,12 +56,15 @@ class ServerOptions:
         max_active: connections served at once; one more gets a TEXT "busy" message and CLOSE.
         linger_s: after our CLOSE, how long unread input is drained before the socket is closed
             (so the client reads our last messages instead of a reset).
+        grace_s: on a stop request (SIGTERM), how long open connections get to finish
+            (:mod:`vne.runtime.shutdown`).
     """
 
     limits: F.FrameLimits = F.DEFAULT_LIMITS
     read_timeout_s: float = 300.0
     max_active: int = 16
     linger_s: float = 2.0
+    grace_s: float = 5.0
 
 
 class MRDConnection:
@@ -74,9 +77,10 @@ class MRDConnection:
     """
 
     def __init__(self, sock, limits: F.FrameLimits = F.DEFAULT_LIMITS, *, read_timeout_s: float | None = None,
-                 peer: str = "") -> None:
+                 peer: str = "", reader: F.FrameReader | None = None) -> None:
         self.socket = sock
         self.limits = limits
+        self.reader = reader or F.FrameReader(sock, limits)
         self.read_timeout_s = read_timeout_s
         self.peer = peer
         self.lock = threading.Lock()
@@ -96,21 +100,31 @@ class MRDConnection:
             return self._pending.popleft()
         if self.ended:
             return None
+        stopping = self.reader.stop_reason
         try:
-            frame = F.read_frame(self.socket, self.limits)
+            frame = self.reader.read()
         except F.UnknownMessageError as exc:
-            return self._end(f"message {self.n_frames + 1}: {exc}")
+            return self._end(f"message {self.n_frames + 1} at byte {self.reader.frame_start}: {exc}")
         except F.LimitError as exc:
-            return self._end(f"message {self.n_frames + 1}: {exc}")
+            return self._end(f"message {self.n_frames + 1} at byte {self.reader.frame_start}: {exc}")
         except F.TruncatedError as exc:
-            return self._end(f"message {self.n_frames + 1}: {exc} (no CLOSE)")
+            if self.reader.stop_reason:
+                return self._end(f"{self.reader.stop_reason}, inside message {self.n_frames + 1} ({exc})")
+            return self._end(f"message {self.n_frames + 1} at byte {self.reader.frame_start}: {exc} (no CLOSE)")
         except F.FramingError as exc:
-            return self._end(f"message {self.n_frames + 1}: {exc}")
+            return self._end(f"message {self.n_frames + 1} at byte {self.reader.frame_start}: {exc}")
+        except MemoryError:  # a length within the limits that this machine cannot hold
+            return self._end(f"message {self.n_frames + 1} at byte {self.reader.frame_start}: not enough memory for "
+                             f"its declared length (lower --max-message-mb)")
         except (socket.timeout, TimeoutError):
             return self._end(f"no data for {self.read_timeout_s:g} s after message {self.n_frames} (read timeout)")
         except OSError as exc:
+            if self.reader.stop_reason:
+                return self._end(f"{self.reader.stop_reason} after message {self.n_frames}")
             return self._end(f"connection lost after message {self.n_frames} ({exc.__class__.__name__}: {exc})")
         if frame is None:
+            if self.reader.stop_reason or stopping:
+                return self._end(f"{self.reader.stop_reason or stopping} after message {self.n_frames}")
             return self._end(f"stream ended after message {self.n_frames} without CLOSE")
         self.n_frames += 1
         if frame.msg_id == F.CLOSE:
@@ -310,6 +324,9 @@ def process(connection: MRDConnection, config, metadata, *, defaults=None, model
         return None
     connection.send_image(pipeline.finish(dropped=not connection.got_close))
     _forward_problems(connection, pipeline, done)
+    from .study_store import wait_for_write
+
+    wait_for_write(pipeline.cache_thread)  # on disk before our CLOSE acknowledges the stream
     series = sorted({r.series_index for r in pipeline.results})
     connection.send_logging(INFO, f"vne: {connection.received['IMAGE']} image(s), {connection.received['ACQUISITION']} "
                                   f"acquisition(s), {connection.received['WAVEFORM']} waveform(s) passed back unchanged; "
@@ -352,10 +369,11 @@ def _read_config(connection: MRDConnection):
     return None, None, False
 
 
-def handle(sock: socket.socket, peer, defaults=None, model=None, options: ServerOptions = ServerOptions()) -> MRDConnection:
+def handle(sock: socket.socket, peer, defaults=None, model=None, options: ServerOptions = ServerOptions(),
+           reader: F.FrameReader | None = None) -> MRDConnection:
     """Serve one accepted MRD connection to the end; never raises. Returns the connection."""
     peer_s = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else str(peer)
-    conn = MRDConnection(sock, options.limits, read_timeout_s=options.read_timeout_s, peer=peer_s)
+    conn = MRDConnection(sock, options.limits, read_timeout_s=options.read_timeout_s, peer=peer_s, reader=reader)
     t0 = time.perf_counter()
     try:
         sock.settimeout(options.read_timeout_s)
@@ -417,29 +435,7 @@ def handle(sock: socket.socket, peer, defaults=None, model=None, options: Server
 
 
 def _linger_close(sock: socket.socket, seconds: float, max_bytes: int = 256 * F.MiB) -> None:
-    """Close after our last message: stop writing, drain what the client still sends (bounded),
-    so that closing with unread input does not reset the connection before the client read us."""
-    try:
-        sock.shutdown(socket.SHUT_WR)
-        deadline = time.monotonic() + seconds
-        n = 0
-        buf = bytearray(1 << 16)
-        while n < max_bytes:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            sock.settimeout(left)
-            k = sock.recv_into(buf)
-            if not k:
-                break
-            n += k
-    except OSError:
-        pass
-    finally:
-        try:
-            sock.close()
-        except OSError:
-            pass
+    F.linger_close(sock, seconds, max_bytes)
 
 
 def _reject_busy(sock: socket.socket, peer, options: ServerOptions) -> None:
@@ -454,19 +450,23 @@ def _reject_busy(sock: socket.socket, peer, options: ServerOptions) -> None:
 
 # ---------------------------------------------------------------------------- the server
 def serve(srv: socket.socket, defaults=None, model=None, options: ServerOptions = ServerOptions(), *,
-          max_connections: int = 0, stop: threading.Event | None = None) -> int:
+          max_connections: int = 0, stop: threading.Event | None = None, tracker=None) -> int:
     """Accept MRD connections on ``srv`` (a listening socket) until ``stop`` is set or
     ``max_connections`` were accepted; a thread per connection, at most ``options.max_active``
-    at once (the next one gets a TEXT "busy" and CLOSE). Returns the number accepted."""
+    at once (the next one gets a TEXT "busy" and CLOSE). On ``stop``, open connections get
+    ``options.grace_s`` (:mod:`vne.runtime.shutdown`; ``tracker.result`` says what happened to them).
+    Returns the number accepted."""
+    from .shutdown import ConnectionTracker
+
     stop = stop or threading.Event()
+    tracker = tracker or ConnectionTracker()
     slots = threading.BoundedSemaphore(max(1, int(options.max_active)))
     srv.settimeout(0.5)
-    workers: list[threading.Thread] = []
     n = failures = 0
 
-    def run_one(conn, peer):
+    def run_one(conn, peer, reader):
         try:
-            handle(conn, peer, defaults, model, options)
+            handle(conn, peer, defaults, model, options, reader)
         finally:
             slots.release()
 
@@ -479,18 +479,21 @@ def serve(srv: socket.socket, defaults=None, model=None, options: ServerOptions 
             if conn is None:
                 continue
             n += 1
+            reader = F.FrameReader(conn, options.limits)
             if slots.acquire(blocking=False):
                 log.info("MRD connection %d from %s", n, peer)
-                t = threading.Thread(target=run_one, args=(conn, peer), name=f"vne-mrd-{n}", daemon=True)
+                t = threading.Thread(target=run_one, args=(conn, peer, reader), name=f"vne-mrd-{n}", daemon=True)
             else:
                 log.warning("MRD connection %d from %s refused: %d connections active", n, peer, options.max_active)
+                reader.waiting = True  # nothing of it is served: a stop never cuts it
                 t = threading.Thread(target=_reject_busy, args=(conn, peer, options), name=f"vne-mrd-busy-{n}", daemon=True)
             t.start()
-            workers = [w for w in workers if w.is_alive()] + [t]
+            tracker.add(reader, t, peer)
             if max_connections and n >= max_connections:
                 break
     finally:
         srv.close()
-        for w in workers:
-            w.join()
+        if stop.is_set():
+            log.warning("MRD: stop requested: no longer accepting connections (listener closed)")
+        tracker.drain(stop.is_set(), options.grace_s)
     return n

@@ -16,10 +16,10 @@ before any VNE work is done for it; nothing is ever dropped or modified. Items t
 
 What happens to an image (:meth:`VNEPipeline.feed_iter`):
 1. it is checked (data type, geometry, finite pixels, duplicates) and classified
-   (:func:`vne.roles.classify` with the configured ``role_*`` overrides); problems are logged
+   (:func:`vne.exam.roles.classify` with the configured ``role_*`` overrides); problems are logged
    with a specific reason and the image is not used for VNE;
 2. cine, IR magnitude / phase images are kept for matching (and written to the study cache,
-   :mod:`vne.study_cache`, when the stream ends, for a later T1-mapping connection);
+   :mod:`vne.runtime.study_store`, when the stream ends, for a later T1-mapping connection);
 3. a T1 map is checked for units (contract ``t1_valid_range_ms``); if its slice is complete
    (:func:`vne.slices.assemble` finds IR images and a cine slice in this stream or the study
    cache, and the model's contract is met) VNE runs at once, otherwise at the end of the stream;
@@ -51,6 +51,7 @@ import ismrmrd
 import numpy as np
 
 from ..io import mrd as mrd_io
+from ..io.framing import RawImage  # noqa: F401  (re-exported: the gadget and tests take it from here)
 from ..prepare.contract import model_inputs
 from ..errors import InputError
 from ..exam.data import MRImage, Role
@@ -96,9 +97,9 @@ PROPERTY_DOCS: dict[str, str] = {
     "intra_op_threads": "ONNX Runtime intra-op threads (default: $VNE_ORT_THREADS, else ORT's default)",
     "batch_size": "largest batch of equal-grid slices per inference (default 8)",
     "prefer_gpu": "use CUDAExecutionProvider when available (default true)",
-    "qc": "quality guard (vne.qc): withhold (default: a slice that fails gets no VNE and one logged reason), "
+    "qc": "quality guard (vne.runtime.qc): withhold (default: a slice that fails gets no VNE and one logged reason), "
           "mark (the VNE is sent with VNE_QC=FAIL in its meta and description) or off",
-    "role_<rule>": "override one role rule of vne.roles.RoleRules (regular expression or true/false), see docs/roles.md",
+    "role_<rule>": "override one role rule of vne.exam.roles.RoleRules (regular expression or true/false), see docs/roles.md",
 }
 
 
@@ -113,7 +114,7 @@ def _bool(text: str, name: str) -> bool:
 
 def default_qc_action() -> str:
     """The ``qc`` property's default: ``$VNE_QC`` if set (an operator's, or the test suite's
-    random-weight models), else :data:`vne.qc.DEFAULT_QC_ACTION` (withhold)."""
+    random-weight models), else :data:`vne.runtime.qc.DEFAULT_QC_ACTION` (withhold)."""
     return os.environ.get("VNE_QC", "").strip().lower() or DEFAULT_QC_ACTION
 
 
@@ -122,7 +123,7 @@ class PipelineConfig:
     """Settings of one :class:`VNEPipeline` (pipeline XML properties, CLI options)."""
 
     model: str | None = None
-    model_sha256: str | None = None     # pinned for ``model`` (vne.model.pin_sha256); server-side only
+    model_sha256: str | None = None     # pinned for ``model`` (vne.runtime.model.pin_sha256); server-side only
     enabled: bool = True
     role_overrides: dict[str, str] = field(default_factory=dict)
     cache_dir: str | None = None        # None: default_cache_dir(); "" / "none": disabled
@@ -173,7 +174,7 @@ class PipelineConfig:
         """A config from text properties (pipeline XML), on top of ``base`` (CLI defaults).
 
         Unknown names are logged and ignored; ``role_*`` names are checked by
-        :meth:`vne.roles.RoleRules.with_overrides`.
+        :meth:`vne.exam.roles.RoleRules.with_overrides`.
 
         Args:
             trusted: the properties come from the server's own configuration (CLI, pipeline XML
@@ -308,7 +309,7 @@ class VNEPipeline:
     Args:
         config: settings (default :class:`PipelineConfig`).
         header: the stream's ISMRMRD header (parsed, XML text, or None).
-        model: an already loaded :class:`vne.model.VNEModel` (else loaded from ``config.model``,
+        model: an already loaded :class:`vne.runtime.model.VNEModel` (else loaded from ``config.model``,
             once per process).
 
     Never raises: a bad configuration or model is reported once (:attr:`disabled_reason`)
@@ -797,7 +798,7 @@ class VNEPipeline:
         return img
 
     def to_dicom_image(self, r: VNEResult) -> MRImage:
-        """The VNE as an :class:`MRImage` in VNE units for :func:`vne.dicom_io.write_series`."""
+        """The VNE as an :class:`MRImage` in VNE units for :func:`vne.io.dicom.write_series`."""
         keep = {k: r.t1.meta[k] for k in ("PatientName", "StudyDate", "StudyTime", "StudyDescription", "Manufacturer")
                 if k in r.t1.meta}
         keep["ImageComments"] = r.meta["ImageComments"]
@@ -875,28 +876,6 @@ def properties_from_config(config) -> dict[str, str]:
     return props
 
 
-class RawImage:
-    """An ISMRMRD image message kept as its wire bytes, passed on byte for byte.
-
-    ``ismrmrd`` (Python) decodes ``DATATYPE_INT`` as 8-byte int64, while C++ writers send
-    4-byte int32 (``../shared/docs/scanner-streams.md``): decoding such an image would read
-    the wrong number of bytes and wreck the rest of the stream. :func:`read_image_safely` keeps
-    those images raw instead; the pipeline passes them on and does not use them.
-    """
-
-    def __init__(self, header, payload: bytes) -> None:
-        self.header = header
-        self.payload = payload  # everything after the message id
-
-    @property
-    def image_series_index(self) -> int:
-        return int(self.header.image_series_index)
-
-    @property
-    def image_index(self) -> int:
-        return int(self.header.image_index)
-
-
 def read_image_safely(source):
     """Reader for IMAGE messages (``source.read(n)``): an ``ismrmrd.Image``, or a
     :class:`RawImage` for 4-byte ``DATATYPE_INT`` data."""
@@ -918,89 +897,6 @@ def write_raw_image(destination, raw: RawImage) -> None:
 
     destination.write(struct.pack("<H", 1022))
     destination.write(raw.payload)
-
-
-class EOFGuardSocket:
-    """A socket proxy whose ``recv`` raises on end of file.
-
-    ``gadgetron.external.Connection`` reads with ``recv(n, MSG_WAITALL)`` in a loop that never
-    ends when the peer has gone (``recv`` keeps returning ``b''``); with this proxy a dropped
-    stream raises :class:`ConnectionAbortedError` instead, and the gadget can finish cleanly.
-    """
-
-    def __init__(self, sock) -> None:
-        self._sock = sock
-
-    def recv(self, n, *flags):
-        data = self._sock.recv(n, *flags)
-        if n and not data:
-            raise ConnectionAbortedError("connection closed by the peer in the middle of the stream")
-        return data
-
-    def __getattr__(self, name):
-        return getattr(self._sock, name)
-
-
-def guard_connection(connection) -> None:
-    """Make a ``gadgetron.external.Connection`` safe for the stream's lifetime (idempotent):
-    :class:`EOFGuardSocket` under it, and :func:`read_image_safely` / :func:`write_raw_image`
-    for IMAGE messages (4-byte ``DATATYPE_INT`` images pass byte for byte)."""
-    wrapper = getattr(connection, "socket", None)
-    sock = getattr(wrapper, "socket", None)
-    if sock is not None and not isinstance(sock, EOFGuardSocket) and hasattr(sock, "recv"):
-        wrapper.socket = EOFGuardSocket(sock)
-    if hasattr(connection, "add_reader") and not getattr(connection, "_vne_guarded", False):
-        connection.add_reader(1022, read_image_safely)
-        # not add_writer: in gadgetron 1.4.1 its wrapper takes one argument but send() passes two
-        writers = getattr(connection, "writers", None)
-        if isinstance(writers, list):
-            writers.insert(0, (lambda item: isinstance(item, RawImage), write_raw_image))
-        connection._vne_guarded = True
-
-
-def run_connection(connection, defaults: PipelineConfig | None = None, *, model=None) -> VNEPipeline:
-    """Serve one Gadgetron external connection: pass-through first, VNE as slices complete.
-
-    Args:
-        connection: a ``gadgetron.external.Connection`` (iterable, ``send``, ``header``, ``config``).
-        defaults: settings the connection's properties are applied on top of (``vne serve``).
-
-    Returns:
-        the pipeline (for its :attr:`~VNEPipeline.results` and :attr:`~VNEPipeline.problems`).
-    """
-    guard_connection(connection)
-    props = properties_from_config(getattr(connection, "config", None))
-    config_error = None
-    try:
-        # a client of `vne serve` (which marks its connections untrusted) cannot name files
-        config = PipelineConfig.from_properties(props, base=defaults,
-                                                trusted=getattr(connection, "vne_trusted", True))
-    except InputError as exc:
-        config_error = str(exc)
-        config = replace(defaults or PipelineConfig(), enabled=False)
-    if model is not None and config.model and config.model != (defaults.model if defaults else None):
-        model = None  # the connection asks for another model file: load (or reuse) that one
-    pipeline = VNEPipeline(config, header=getattr(connection, "header", None), model=model)
-    if config_error:
-        pipeline.problems = [m for m in pipeline.problems if "'enabled' property" not in m]
-        pipeline._disable(f"bad configuration: {config_error}")
-    dropped = False
-    try:
-        for item in connection:
-            for out in pipeline.feed_iter(item):
-                connection.send(out)
-    except (ConnectionError, OSError, EOFError) as exc:
-        dropped = True
-        log.error("VNE gadget: stream lost (%s)", exc)
-    except Exception as exc:  # a reader error in the connection (unknown message, bad bytes)
-        dropped = True
-        log.error("VNE gadget: stream unreadable (%s: %s)", exc.__class__.__name__, exc)
-    try:
-        for out in pipeline.finish(dropped=dropped):
-            connection.send(out)
-    except (ConnectionError, OSError) as exc:
-        log.error("VNE gadget: could not send the last VNE images (%s)", exc)
-    return pipeline
 
 
 def process_stream(items: Iterable, config: PipelineConfig | None = None, header=None, *, model=None) -> tuple[list, VNEPipeline]:

@@ -14,8 +14,13 @@ Layout (``root`` is created with mode 0700: the entries hold patient images)::
                                         meta, the study identifiers, the source connection
 
 ``<study hash>`` is a SHA-256 of the two UIDs (no identifiers in file names). Both files are
-written to a temporary name and renamed into place (the JSON last: it marks the entry
-complete), so a reader never sees half an entry and a crash leaves no corrupt one.
+written to a temporary name (``.<name>.<pid>.<random>.tmp``), fsync'ed and renamed into place,
+then the folder is fsync'ed (the JSON last: it marks the entry complete), so a reader never sees
+half an entry, a crash leaves no corrupt one, and an entry that :meth:`StudyCache.put` wrote is on
+disk. The servers wait for a stream's background write (:func:`wait_for_write`, up to
+:data:`WRITE_WAIT_S`) before sending that stream's CLOSE: an acknowledged stream's entries
+survive a kill of the server. Leftover temporary files of processes that are gone are deleted at
+a process's first use of the folder (:func:`sweep_stale`).
 
 Trust: the folder must be private (:func:`folder_problem`: a real directory, not a symlink,
 owned by this user, not writable by group or others; a missing one is created 0700), else the
@@ -26,7 +31,8 @@ logged reason instead of raising.
 
 Limits: entries older than ``max_age_hours`` are ignored and deleted; when the whole cache is
 larger than ``max_mb`` the oldest entries are deleted first. Both are enforced on every write;
-a ``max_mb`` smaller than one entry is logged as a WARNING (the cache then keeps nothing).
+a ``max_mb`` smaller than one entry is logged as a WARNING, once per process (the cache then
+keeps nothing).
 An unwritable or unreadable folder is logged once and the cache behaves as empty: the
 pipeline carries on without it.
 """
@@ -58,6 +64,12 @@ ENV_CACHE_DIR = "VNE_CACHE_DIR"
 ENV_XDG_CACHE = "XDG_CACHE_HOME"
 _STALE_TMP_S = 3600.0
 _WAIT_S = 60.0
+WRITE_WAIT_S = 30.0  # how long a stream's CLOSE waits for its study-cache write
+# roots swept for leftovers by this process (once each, before its first write there)
+_swept: set[str] = set()
+# (root, max_bytes) already warned about: cache_max_mb smaller than one entry, once per process
+_size_warned: set[tuple[str, int]] = set()
+_state_lock = threading.Lock()
 # study hash -> Event set when this process's background write of that study is done
 _inflight: dict[str, threading.Event] = {}
 _inflight_lock = threading.Lock()
@@ -102,21 +114,108 @@ def study_hash(study_uid: str, frame_of_reference_uid: str) -> str:
     return hashlib.sha256(f"{study_uid}\0{frame_of_reference_uid}".encode()).hexdigest()[:24]
 
 
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _atomic_write(path: Path, write) -> None:
-    """Write via ``write(fileobj)`` into a temporary file next to ``path``, then rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write via ``write(fileobj)`` into a temporary file next to ``path`` (named
+    ``.<name>.<pid>.<random>.tmp``: :func:`sweep_stale` knows whose it is), fsync it, rename it
+    into place and fsync the folder, so the entry survives a crash of the process or the machine
+    once this returns."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     except BaseException:
         try:
             os.unlink(tmp)
         except OSError:
             pass
         raise
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: someone else's live process
+        return True
+    return True
+
+
+def sweep_stale(root: Path, now: float | None = None, *, at_start: bool = False) -> int:
+    """Delete leftovers of interrupted writes under ``root``; returns the number deleted.
+
+    A temporary file is named after the process writing it (:func:`_atomic_write`). At start
+    (``at_start``: before this process's first write to ``root``) the temporary files of
+    processes that are gone, and of this process id (left by an earlier process that had it),
+    are deleted whatever their age; later (every eviction) those of processes that are gone once
+    a minute old. Any temporary file, and any npz whose record never landed, older than an hour
+    goes too. (A process of another PID namespace sharing the folder looks gone: give each
+    container its own cache folder.)"""
+    now = time.time() if now is None else now
+    me = os.getpid()
+    n = 0
+    try:
+        candidates = list(root.glob("*/.*.tmp")) + list(root.glob("*/*.npz"))
+    except OSError:
+        return 0
+    for p in candidates:
+        try:
+            age = now - p.stat().st_mtime
+            if p.suffix == ".tmp":
+                parts = p.name.split(".")  # '', entry, npz|json, pid, random, tmp
+                pid = int(parts[3]) if len(parts) >= 6 and parts[3].isdigit() else None
+                if pid is None:
+                    dead = False
+                elif at_start:
+                    dead = pid == me or not _pid_alive(pid)
+                else:
+                    dead = pid != me and not _pid_alive(pid) and age > 60.0
+                if dead or age > _STALE_TMP_S:
+                    p.unlink()
+                    n += 1
+            elif age > _STALE_TMP_S and not p.with_suffix(".json").exists():
+                p.unlink()
+                n += 1
+        except OSError:
+            pass
+    if n:
+        log.info("study cache %s: %d leftover(s) of interrupted writes deleted", root, n)
+    return n
+
+
+def wait_for_write(thread, timeout_s: float = None) -> bool:
+    """Wait for a background study-cache write (:meth:`StudyCache.put_async`) to be on disk;
+    the servers call this before sending a stream's CLOSE. Returns False (logged) if it is still
+    running after ``timeout_s`` (default :data:`WRITE_WAIT_S`)."""
+    if thread is None:
+        return True
+    timeout_s = WRITE_WAIT_S if timeout_s is None else timeout_s
+    thread.join(timeout_s)
+    if thread.is_alive():
+        log.warning("study cache: the write of this stream is still running after %.0f s; the stream is closed "
+                    "anyway and the write goes on in the background (not yet durable)", timeout_s)
+        return False
+    return True
 
 
 def _write_npz(f, arrays: dict[str, np.ndarray]) -> None:
@@ -199,6 +298,11 @@ class StudyCache:
             self._refused = problem
             log.error("study cache %s refused: it %s; running without the study cache", self.root, problem)
             return False
+        with _state_lock:  # the first use of this folder in this process: sweep leftovers first
+            key = os.path.realpath(self.root)
+            if key not in _swept:
+                _swept.add(key)
+                sweep_stale(self.root, at_start=True)
         self._trusted = True
         return True
 
@@ -248,9 +352,14 @@ class StudyCache:
                      "y" if written == 1 else "ies", len(images), study_uid[-8:], folder)
         if largest > self.max_bytes and not self._size_warned:
             self._size_warned = True
-            log.warning("study cache: one entry is %.2f MB, more than cache_max_mb (%.2f MB): every entry is evicted "
-                        "as soon as it is written, so later connections find nothing; raise cache_max_mb",
-                        largest / 2**20, self.max_bytes / 2**20)
+            with _state_lock:
+                key = (os.path.realpath(self.root), self.max_bytes)
+                first = key not in _size_warned
+                _size_warned.add(key)
+            if first:
+                log.warning("study cache: one entry is %.2f MB, more than cache_max_mb (%.2f MB): every entry is "
+                            "evicted as soon as it is written, so later connections find nothing; raise cache_max_mb",
+                            largest / 2**20, self.max_bytes / 2**20)
         self.evict()
         return written
 
@@ -425,12 +534,7 @@ class StudyCache:
                 total -= size
                 removed, freed = removed + 1, freed + size
             # leftovers of interrupted writes, and npz files whose record never landed
-            for p in list(self.root.glob("*/.*.tmp")) + list(self.root.glob("*/*.npz")):
-                try:
-                    if (p.suffix == ".tmp" or not p.with_suffix(".json").exists()) and now - p.stat().st_mtime > _STALE_TMP_S:
-                        p.unlink()
-                except OSError:
-                    pass
+            sweep_stale(self.root, now)
             for d in [d for d in self.root.iterdir() if d.is_dir()]:
                 try:
                     d.rmdir()  # only succeeds when empty
