@@ -9,8 +9,9 @@ Generator objective (weights from the config's ``loss`` section)::
   ``1 + heart_weight`` when the slice has masks, 1 elsewhere.
 * ``∇L1_w`` is the same weighted L1 on the images' finite differences along x and y. L1 alone
   lets a blurred blood/myocardium border cost little; a border one pixel too wide reads as
-  lesion at the FWHM threshold (50 % of the remote-to-blood range), which is what made the
-  lesion-free external exams of vne-sim-0.3.0 read 2.3–2.8 %.
+  lesion at the FWHM threshold (50 % of the remote-to-blood range). Added for vne-sim-0.4.0; it
+  did not remove the border excess on the lesion-free external exams (0.3.0: 2.3–2.8 %, 0.4.0:
+  2.5–3.0 %; models/README.md).
 * ``perceptual`` (config ``loss.perceptual``):
     - ``"fm"`` (default): discriminator feature matching (pix2pixHD): L1 between the
       discriminator's intermediate features of (condition, VNE) and (condition, LGE). It needs
