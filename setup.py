@@ -20,6 +20,7 @@ setup(
         "gadgetron>=1.4",
         "pydicom>=2.4",
         "h5py>=3.8",
+        "nibabel>=5",  # NIfTI evaluation masks (vne evaluate --masks)
         "tqdm>=4.60",
         "matplotlib>=3.7",
         ORT,

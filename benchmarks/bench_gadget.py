@@ -11,7 +11,7 @@ Modes:
   inside the measurement; the stream is sent as soon as the gadget connects);
 - **connect (warm)**: one ``vne serve`` process, model loaded and warmed up once, several
   streams in a row (Gadgetron's ``<connect>``);
-- **in-process**: :func:`vne.pipeline.process_stream` with ``tracemalloc``, for the Python heap
+- **in-process**: :func:`vne.runtime.pipeline.process_stream` with ``tracemalloc``, for the Python heap
   peak and the per-slice compute time without any transport.
 
 Peak memory: the gadget process's peak RSS (``resource.getrusage(RUSAGE_CHILDREN)`` for the
@@ -29,9 +29,11 @@ the default configuration) for timing only; it needs torch, the gadget itself ne
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import re
 import resource
+import shutil
 import socket
 import statistics
 import subprocess
@@ -42,14 +44,11 @@ import tracemalloc
 from html import escape
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import ismrmrd
 
-import ismrmrd  # noqa: E402
-
-from vne.commands.stream import exchange, exchange_on  # noqa: E402
-from vne.exam import Role  # noqa: E402
-from vne.mrd_io import from_mrd, read_mrd_file  # noqa: E402
+from vne.commands.stream import exchange, exchange_on
+from vne.exam.data import Role
+from vne.io.mrd import from_mrd, read_mrd_file
 
 NEEDED = (Role.CINE, Role.IR_MAGNITUDE, Role.IR_PHASE, Role.T1_MAP)
 
@@ -67,7 +66,7 @@ def make_model(kind: str, tmp: Path) -> Path:
 
     from training.export import write_onnx
     from training.networks import GeneratorConfig, VNEGenerator
-    from vne.contract import CONTRACT_KEY, ModelContract
+    from vne.prepare.contract import CONTRACT_KEY, ModelContract
 
     import onnx
 
@@ -178,8 +177,8 @@ def vm_hwm_mb(pid: int) -> float:
 
 
 def in_process(header, images, model, threads) -> dict:
-    from vne.model import load_model
-    from vne.pipeline import PipelineConfig, process_stream
+    from vne.runtime.model import load_model
+    from vne.runtime.pipeline import PipelineConfig, process_stream
 
     m = load_model(model, intra_op_threads=threads)
     m.warm_up((256, 256))
@@ -211,6 +210,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     tmp = Path(tempfile.mkdtemp(prefix="vne-bench-"))
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
     exam = args.exam or make_exam(tmp)
     model = args.model or make_model(args.make_model, tmp)
     header, images = read_mrd_file(exam)
@@ -240,7 +240,7 @@ def main(argv=None) -> int:
     rows.append(("in-process", ip["per_slice"], [], [ip["total"]], float("nan")))
 
     print()
-    print(f"| mode | per-slice latency, ms: median (min-max) | per-exam latency, ms | stream wall time, ms | peak RSS, MB |")
+    print("| mode | per-slice latency, ms: median (min-max) | per-exam latency, ms | stream wall time, ms | peak RSS, MB |")
     print("|---|---|---|---|---|")
     for name, ps, ex, tot, rss in rows:
         print(f"| {name} | {fmt(ps)} | {fmt(ex)} | {fmt(tot)} | {rss:.0f} |")

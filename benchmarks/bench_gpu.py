@@ -64,7 +64,7 @@ def main(argv=None) -> int:
 
     import onnxruntime as ort
 
-    from vne.model import VNEModel, session_options
+    from vne.runtime.model import VNEModel, session_options
 
     available = ort.get_available_providers()
     if "CUDAExecutionProvider" not in available:

@@ -26,14 +26,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from training.export import write_onnx, example_inputs  # noqa: E402
-from training.networks import GeneratorConfig, VNEGenerator, count_macs, count_params, generator_from_checkpoint  # noqa: E402
-from training.train import load_config  # noqa: E402
-from vne.contract import INPUT_NAMES  # noqa: E402
+from training.checkpoint import load_checkpoint
+from training.export import write_onnx, example_inputs
+from training.networks import GeneratorConfig, VNEGenerator, count_macs, count_params, generator_from_checkpoint
+from training.train import load_config
+from vne.prepare.contract import INPUT_NAMES
 
 
 def _time(fn, warmup: int, runs: int, sync=lambda: None) -> list[float]:
@@ -71,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(0)
     if args.checkpoint:
-        g = generator_from_checkpoint(torch.load(args.checkpoint, map_location="cpu", weights_only=False))
+        g = generator_from_checkpoint(load_checkpoint(args.checkpoint))
     else:
         g = VNEGenerator(GeneratorConfig.from_dict(load_config(args.config)["model"])).eval()
     feed = example_inputs(1, args.height, args.width, seed=0, n_cine=g.config.n_cine_frames)

@@ -46,9 +46,9 @@ sys.path.insert(0, str(REPO))
 import ismrmrd  # noqa: E402
 from ismrmrd.serialization import ConfigText, ProtocolSerializer  # noqa: E402
 
-from vne.exam import Role  # noqa: E402
-from vne.memory import peak_rss_mb, rss_mb  # noqa: E402
-from vne.mrd_io import from_mrd, parse_header, read_mrd_file  # noqa: E402
+from vne.exam.data import Role  # noqa: E402
+from vne.runtime.memory import rss_mb  # noqa: E402
+from vne.io.mrd import from_mrd, parse_header, read_mrd_file  # noqa: E402
 
 NEEDED = (Role.CINE, Role.IR_MAGNITUDE, Role.IR_PHASE, Role.T1_MAP)
 CLOSE, IMAGE = 4, 1022

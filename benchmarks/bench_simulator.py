@@ -26,7 +26,7 @@ def main() -> None:
     ap.add_argument("--cases", type=int, default=6)
     ap.add_argument("--seed", type=int, default=100)
     args = ap.parse_args()
-    from vne.contract import ModelContract
+    from vne.prepare.contract import ModelContract
     from vne.simulate import case as case_mod
     from vne.simulate.writers import write_case_cache, write_case_mrd
 

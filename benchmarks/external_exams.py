@@ -10,7 +10,7 @@ README.md``). For each exam folder ``CASES/NAME/`` (``dicom/`` + ``truth.npz``) 
    VNE's QC verdict, and the Nyquist (2-pixel) texture energy inside the heart,
 4. writes ``OUT/NAME.png``: T1 map | VNE | artefact-free LGE, with the true lesions outlined.
 
-  python benchmarks/external_exams.py --model models/vne-sim-0.3.0.onnx --out runs/external
+  python benchmarks/external_exams.py --model models/vne-sim-0.4.0.onnx --out runs/external
 """
 from __future__ import annotations
 
@@ -32,9 +32,9 @@ def nyquist_ratio(img: np.ndarray, mask: np.ndarray) -> float:
 
     The checkerboard component at pixel (i, j) is ``x * (-1)^(i+j)`` averaged over a 2×2
     neighbourhood; for a smooth image it is ~0, for a transposed-convolution texture it is large.
-    See :func:`vne.qc.checkerboard_index` for the definition used by the runtime guard.
+    See :func:`vne.runtime.qc.checkerboard_index` for the definition used by the runtime guard.
     """
-    from vne.qc import checkerboard_index
+    from vne.runtime.qc import checkerboard_index
 
     return checkerboard_index(img, mask)
 

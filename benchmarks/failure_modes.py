@@ -18,7 +18,7 @@ Three measurements, each printed as a table:
    Table 1b sweeps the one input difference found on the external exams: how much brighter
    the LV blood is than myocardium in the IR images (the bSSFP readout's T2/T1 weighting).
 
-2. **Texture.** The 2-pixel checkerboard index (:func:`vne.qc.checkerboard_index`) of each
+2. **Texture.** The 2-pixel checkerboard index (:func:`vne.runtime.qc.checkerboard_index`) of each
    model's output on a flat phantom (every input constant) and inside the heart of real slices,
    next to the index of the artefact-free LGE target.
 
@@ -27,7 +27,7 @@ Three measurements, each printed as a table:
    magnitudes, ``vne.simulate.writers.as_delivered``): the largest relative IR difference inside
    the heart and the number of heart pixels whose restored sign differs.
 
-  python benchmarks/failure_modes.py --model models/vne-sim-0.2.0.onnx [--model models/vne-sim-0.3.0.onnx]
+  python benchmarks/failure_modes.py --model models/vne-sim-0.2.0.onnx [--model models/vne-sim-0.4.0.onnx]
 """
 from __future__ import annotations
 
@@ -38,13 +38,13 @@ from pathlib import Path
 
 import numpy as np
 
-from vne.contract import model_inputs
-from vne.exam import Role
-from vne.model import load_model
-from vne.qc import checkerboard_index
+from vne.prepare.contract import model_inputs
+from vne.exam.data import Role
+from vne.runtime.model import load_model
+from vne.runtime.qc import checkerboard_index
 from vne.simulate import case as sim_case
 from vne.simulate.writers import as_delivered
-from vne.slices import assemble, on_t1_grid
+from vne.prepare.slices import assemble, on_t1_grid
 
 HEART_RATES = (40, 46, 60, 75, 90, 110, 120)
 
@@ -130,7 +130,7 @@ def readout_table(models, seed: int, cases: list[int]) -> None:
 
 
 def texture_table(models, seed: int, cases: list[int]) -> None:
-    print("\n2. 2-pixel checkerboard index (vne.qc.checkerboard_index; smooth ~0.01)")
+    print("\n2. 2-pixel checkerboard index (vne.runtime.qc.checkerboard_index; smooth ~0.01)")
     h, w = 128, 160
     flat = {"cine": np.full((1, 25, h, w), 300.0, np.float32), "ir": np.full((1, 7, h, w), 100.0, np.float32),
             "ir_ti_ms": np.array([[100, 180, 260, 1100, 2100, 3100, 4100]], np.float32),

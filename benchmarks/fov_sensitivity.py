@@ -1,10 +1,10 @@
 """Does the VNE of the heart depend on the field of view the model is run on?
 
-The gadget runs the generator on a heart window (:mod:`vne.roi`: the quality guard's heart
+The gadget runs the generator on a heart window (:mod:`vne.prepare.roi`: the quality guard's heart
 region with a margin, at least the 160-pixel window the generator was trained on) and pastes the
 result into the T1 grid. For every slice of a simulated set this runs the model both ways on the
-gadget's own inputs (ISMRMRD file -> matching -> :func:`vne.inference.prepare` for the window;
-:func:`vne.slices.on_t1_grid` for the whole, padded T1 grid) and prints
+gadget's own inputs (ISMRMRD file -> matching -> :func:`vne.runtime.inference.prepare` for the window;
+:func:`vne.prepare.slices.on_t1_grid` for the whole, padded T1 grid) and prints
 
 * inside the true myocardium: the max and mean |VNE window - VNE full grid| per slice, in
   normalised PSIR (remote 0, blood 1), the worst slice and the spread;
@@ -23,23 +23,20 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from vne import inference, mrd_io  # noqa: E402
-from vne.commands.evaluate import slice_index_by_position  # noqa: E402
-from vne.contract import model_inputs  # noqa: E402
-from vne.evaluate import normalise  # noqa: E402
-from vne.model import VNEModel  # noqa: E402
-from vne.quantify import LGE_LEVELS, VNE_ADJUSTED_LEVELS, patient_burden, quantify_slice  # noqa: E402
-from vne.slices import build_slices, on_t1_grid  # noqa: E402
-from vne.stats import FALSE_POSITIVE_BURDEN, icc_a1, pearson_regression  # noqa: E402
+from vne.runtime import inference
+from vne.io import mrd as mrd_io
+from vne.evaluation.collect_simulated import slice_index_by_position
+from vne.prepare.contract import model_inputs, normalise_psir
+from vne.runtime.model import VNEModel
+from vne.evaluation.quantify import LGE_LEVELS, VNE_ADJUSTED_LEVELS, patient_burden, quantify_slice
+from vne.prepare.slices import build_slices, on_t1_grid
+from vne.evaluation.stats import FALSE_POSITIVE_BURDEN, icc_a1, pearson_regression
 
 
 def _timed(fn):
@@ -81,13 +78,13 @@ def main() -> int:
             t_full.append(tf)
             t_win.append(tw)
             share.append(prep.x["t1_map_ms"][0, 0].size / full.size)
-            d = np.abs(normalise(full, remote, blood) - normalise(window, remote, blood))[myo]
+            d = np.abs(normalise_psir(full, remote, blood) - normalise_psir(window, remote, blood))[myo]
             max_gap.append(float(d.max()))
             mean_gap.append(float(d.mean()))
             if max_gap[-1] > worst[1]:
                 worst = (f"{case['case_id']} slice {k} (p99 {np.percentile(d, 99):.3f})", max_gap[-1])
             b = burden[case["patient_id"]]
-            b["lge"].append(quantify_slice(normalise(truth[f"s{k}_lge_clean"], remote, blood), myo, remote, blood, LGE_LEVELS))
+            b["lge"].append(quantify_slice(normalise_psir(truth[f"s{k}_lge_clean"], remote, blood), myo, remote, blood, LGE_LEVELS))
             b["full"].append(quantify_slice(full, myo, remote, blood, VNE_ADJUSTED_LEVELS))
             b["window"].append(quantify_slice(window, myo, remote, blood, VNE_ADJUSTED_LEVELS))
 

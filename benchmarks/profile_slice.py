@@ -1,16 +1,16 @@
 """Where a slice's time goes: the per-slice path, step by step, and the old full-grid path beside it.
 
-One exam is fed to :class:`vne.pipeline.VNEPipeline` in scanner order, as the gadget gets it (all
+One exam is fed to :class:`vne.runtime.pipeline.VNEPipeline` in scanner order, as the gadget gets it (all
 images at once, so its slices complete together), ``--repeats`` times per arm, the arms
 interleaved so that both see the same machine load. Printed:
 
-* per step, the median ms per slice of the gadget's path (:mod:`vne.inference`; the step names of
+* per step, the median ms per slice of the gadget's path (:mod:`vne.runtime.inference`; the step names of
   ``VNEResult.timings``): ``match`` (assemble the slice's images), ``cine`` (cine frames onto
   their footprint on the T1 grid and onto the model's cycle), ``heart`` (the LV finder and the
   moving region: the model's window), ``ir_signs`` (IR images onto the window, signs restored),
   ``inputs``, ``guard`` (input checks), ``model`` (ONNX Runtime on the window, pasted),
   ``guard_output``;
-* the same slices through the full-grid path of before (``vne.slices.on_t1_grid`` +
+* the same slices through the full-grid path of before (``vne.prepare.slices.on_t1_grid`` +
   ``model_inputs`` + the guard + the model on the whole, padded T1 grid + the output check):
   ``full: grid`` (resampling + sign restoration on the whole grid), ``full: inputs``, ``full:
   guard``, ``full: model``, ``full: guard_output``;
@@ -35,14 +35,14 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from vne.contract import model_inputs  # noqa: E402
-from vne.exam import Role  # noqa: E402
-from vne.model import load_model  # noqa: E402
-from vne.mrd_io import from_mrd, parse_header, read_mrd_file, study_key  # noqa: E402
-from vne.pipeline import PipelineConfig, VNEPipeline  # noqa: E402
-from vne.qc import check_inputs, check_output  # noqa: E402
-from vne.slices import assemble, on_t1_grid  # noqa: E402
-from vne.workers import SliceWorkers  # noqa: E402
+from vne.prepare.contract import model_inputs  # noqa: E402
+from vne.exam.data import Role  # noqa: E402
+from vne.runtime.model import load_model  # noqa: E402
+from vne.io.mrd import from_mrd, parse_header, read_mrd_file, study_key  # noqa: E402
+from vne.runtime.pipeline import PipelineConfig, VNEPipeline  # noqa: E402
+from vne.runtime.qc import check_inputs, check_output  # noqa: E402
+from vne.prepare.slices import assemble, on_t1_grid  # noqa: E402
+from vne.runtime.workers import SliceWorkers  # noqa: E402
 
 
 def _ms(t0: float) -> float:

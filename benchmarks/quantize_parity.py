@@ -6,7 +6,7 @@ Builds, in a temporary folder (nothing is shipped):
   calibrated on the gadget's own heart-window inputs of ``--calib`` simulated slices;
 * **fp16**: all float tensors converted to float16 (inputs and output stay float32).
 
-Then, on ``--test`` other slices of the held-out set (the gadget's inputs, :mod:`vne.inference`),
+Then, on ``--test`` other slices of the held-out set (the gadget's inputs, :mod:`vne.runtime.inference`),
 prints for each copy: the network time per slice relative to the fp32 model (timed alternately
 in this run) and the max and mean |VNE copy - VNE fp32| inside the true myocardium (normalised
 PSIR, blood = 1), with the per-patient FWHM burden agreement of each against the artefact-free
@@ -33,13 +33,14 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from vne import inference, mrd_io  # noqa: E402
+from vne.runtime import inference  # noqa: E402
+from vne.io import mrd as mrd_io  # noqa: E402
 from vne.commands.evaluate import slice_index_by_position  # noqa: E402
-from vne.contract import INPUT_NAMES, crop_output, pad_to_multiple  # noqa: E402
+from vne.prepare.contract import INPUT_NAMES, crop_output, pad_to_multiple  # noqa: E402
 from vne.evaluate import normalise  # noqa: E402
-from vne.model import VNEModel, session_options  # noqa: E402
+from vne.runtime.model import VNEModel, session_options  # noqa: E402
 from vne.quantify import LGE_LEVELS, VNE_ADJUSTED_LEVELS, patient_burden, quantify_slice  # noqa: E402
-from vne.slices import build_slices  # noqa: E402
+from vne.prepare.slices import build_slices  # noqa: E402
 from vne.stats import icc_a1, pearson_regression  # noqa: E402
 
 

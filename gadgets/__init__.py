@@ -1,4 +1,4 @@
-"""Gadgetron entry points of VNE (thin: the data path lives in :mod:`vne.pipeline`).
+"""Gadgetron entry points of VNE (thin: the data path lives in :mod:`vne.runtime.pipeline`).
 
 ``gadgets.vne_gadget.gadget`` is the target of the pipeline XMLs in ``pipelines_xml/``::
 

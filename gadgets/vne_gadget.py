@@ -7,24 +7,28 @@ runs it behind a listening socket (``<connect port="18000"/>``). Either way Gadg
 images, then CLOSE; ``gadgetron.external.Connection`` parses the first two into
 ``connection.config`` (an ElementTree element) and ``connection.header``.
 
-The gadget is thin: every item is sent on at once, unchanged, and :mod:`vne.pipeline` adds the
-VNE series when a slice is complete (properties: :data:`vne.pipeline.PROPERTY_DOCS`,
-docs/gadget.md). It never raises on bad data; on a lost connection it logs and returns.
+The gadget is thin: it takes the connection's socket over (:mod:`vne.runtime.gadgetron_link`), sends
+every data message on at once by its exact bytes, before decoding a copy of it, and
+:mod:`vne.runtime.pipeline` adds the VNE series when a slice is complete (properties:
+:data:`vne.runtime.pipeline.PROPERTY_DOCS`, docs/gadget.md). It never raises on bad data; when the
+stream cannot be framed further or is lost it logs one reason, finishes and sends CLOSE.
 """
 from __future__ import annotations
 
-from vne.pipeline import PipelineConfig, run_connection
+from vne.runtime.gadgetron_link import run_connection
+from vne.runtime.pipeline import PipelineConfig
 
 
 def gadget(connection, defaults: PipelineConfig | None = None, model=None):
     """Process one Gadgetron external connection (pass-through first, then VNE images).
 
     Args:
-        connection: ``gadgetron.external.Connection``.
+        connection: ``gadgetron.external.Connection`` (execute mode) or a
+            :class:`vne.runtime.gadgetron_link.GadgetronLink` (``vne serve``).
         defaults: settings under the connection's properties (``vne serve`` options).
-        model: a loaded :class:`vne.model.VNEModel` to reuse (``vne serve``).
+        model: a loaded :class:`vne.runtime.model.VNEModel` to reuse (``vne serve``).
 
     Returns:
-        the :class:`vne.pipeline.VNEPipeline` that served the connection.
+        the :class:`vne.runtime.pipeline.VNEPipeline` that served the connection.
     """
     return run_connection(connection, defaults, model=model)

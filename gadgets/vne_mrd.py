@@ -26,7 +26,7 @@ and ``invertcontrast.py`` (read at commit df45f516ac5e):
 - The module ends the session with ``connection.send_close()`` (``invertcontrast.py`` does, in a
   ``finally``; the server itself only closes the socket after ``process`` returns).
 
-What it does: every item goes through the same :class:`vne.pipeline.VNEPipeline` as the Gadgetron
+What it does: every item goes through the same :class:`vne.runtime.pipeline.VNEPipeline` as the Gadgetron
 gadget and ``vne serve`` (``feed_iter`` yields the item itself first, unchanged, then any VNE
 images that became ready; ``finish`` returns the rest). Each input image, acquisition and
 waveform is sent back unchanged before any VNE work is done for it; VNE images follow as their
@@ -34,7 +34,7 @@ own series; every problem the pipeline reports goes back as a ``send_logging`` m
 (``WARNING``), and a summary as ``INFO``. Nothing raises out of ``process``.
 
 Parameters (``config["parameters"]``): the client-settable VNE properties
-(:data:`vne.pipeline.PROPERTY_DOCS` minus :data:`vne.pipeline.SERVER_ONLY_PROPERTIES`), by their
+(:data:`vne.runtime.pipeline.PROPERTY_DOCS` minus :data:`vne.runtime.pipeline.SERVER_ONLY_PROPERTIES`), by their
 property name (``pixel_type``) or by their OpenRecon parameter id, which is the property name
 without underscores (``pixeltype``: OpenRecon ids must match ``^[A-Za-z0-9]+$``; see
 ``docker/openrecon/label.json``). Other parameters (scanner UI options) are ignored.
@@ -46,9 +46,10 @@ from dataclasses import replace
 
 import ismrmrd
 
-from vne import mrd_server
-from vne.exam import InputError
-from vne.pipeline import PROPERTY_DOCS, SERVER_ONLY_PROPERTIES, PipelineConfig, RawImage, VNEPipeline
+from vne.runtime import mrd_server
+from vne.errors import InputError
+from vne.runtime.pipeline import PROPERTY_DOCS, SERVER_ONLY_PROPERTIES, PipelineConfig, RawImage, VNEPipeline
+from vne.runtime.study_store import wait_for_write
 
 log = logging.getLogger("vne.mrd_module")
 
@@ -82,7 +83,7 @@ PARAMETER_ALIASES: dict[str, str] = {openrecon_id(p).lower(): p for p in PROPERT
 def client_properties(config) -> tuple[dict[str, str], list[str]]:
     """(pipeline properties, notes) from ``config``: its ``parameters`` with OpenRecon ids
     translated to property names, then the same rules as ``vne serve --protocol mrd``
-    (:func:`vne.mrd_server.vne_properties`: server-only properties refused with a note, other
+    (:func:`vne.runtime.mrd_server.vne_properties`: server-only properties refused with a note, other
     names ignored)."""
     params = config.get("parameters") if isinstance(config, dict) else None
     if not isinstance(params, dict):
@@ -148,10 +149,10 @@ def process(connection, config, metadata, *, defaults: PipelineConfig | None = N
         metadata: the ISMRMRD header (parsed, XML text, or None).
         defaults: settings the parameters go on top of (default: :class:`PipelineConfig`, whose
             model and study cache come from ``$VNE_MODEL`` / ``$VNE_MODEL_DIR`` / ``$VNE_CACHE_DIR``).
-        model: an already loaded :class:`vne.model.VNEModel` (default: loaded once per process).
+        model: an already loaded :class:`vne.runtime.model.VNEModel` (default: loaded once per process).
 
     Returns:
-        the :class:`vne.pipeline.VNEPipeline` (None if it could not be made).
+        the :class:`vne.runtime.pipeline.VNEPipeline` (None if it could not be made).
     """
     counts = {"image": 0, "acquisition": 0, "waveform": 0, "other": 0}
     n_vne = 0
@@ -204,6 +205,7 @@ def process(connection, config, metadata, *, defaults: PipelineConfig | None = N
                 connection.send_image(list(last))
                 n_vne += len(last)
             forward_problems()
+            wait_for_write(pipeline.cache_thread)  # the study-cache write is on disk before our CLOSE
             series = sorted({r.series_index for r in pipeline.results})
             connection.send_logging(
                 MRD_LOGGING_INFO,

@@ -15,16 +15,30 @@ os.environ["VNE_QC"] = "off"
 
 
 def shared_data_dir() -> Path:
+    """The shared real data: ``$VNE_SHARED_DATA``, else ``../shared/data`` beside the clone."""
     env = os.environ.get("VNE_SHARED_DATA")
     return Path(env) if env else REPO.parent / "shared" / "data"
 
 
+def shared_data(relative: str, *needed: str) -> Path:
+    """``shared_data_dir() / relative``, which must hold every path in ``needed``.
+
+    Missing shared data fails the test (so CI cannot go green without the real-data tests);
+    with ``VNE_ALLOW_MISSING_SHARED=1`` it skips instead, for a clone without ``../shared``.
+    """
+    d = shared_data_dir() / relative
+    if d.is_dir() and all((d / n).exists() for n in needed):
+        return d
+    msg = (f"shared data not found: {d}{' with ' + ', '.join(needed) if needed else ''} "
+           "(set VNE_SHARED_DATA to the shared data folder, or VNE_ALLOW_MISSING_SHARED=1 to skip)")
+    if os.environ.get("VNE_ALLOW_MISSING_SHARED") == "1":
+        pytest.skip(msg)
+    pytest.fail(msg, pytrace=False)
+
+
 @pytest.fixture(scope="session")
 def phantom_dir() -> Path:
-    d = shared_data_dir() / "hcmr-shmolli-phantom"
-    if not d.is_dir():
-        pytest.skip(f"real phantom DICOMs not found at {d} (set VNE_SHARED_DATA)")
-    return d
+    return shared_data("hcmr-shmolli-phantom")
 
 
 @pytest.fixture(scope="session")

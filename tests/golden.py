@@ -1,7 +1,7 @@
 """Golden measurements of the SHIPPED model on a fixed simulated exam, through the real pipeline.
 
 :func:`measure` streams the exam (simulator seed :data:`SEED`, case :data:`CASE`, never used in
-training) through :class:`vne.pipeline.VNEPipeline` exactly as the gadget does, records what the
+training) through :class:`vne.runtime.pipeline.VNEPipeline` exactly as the gadget does, records what the
 pipeline hands the model (a spy around ``predict_many`` that calls the real session), and returns
 per slice:
 
@@ -12,10 +12,10 @@ per slice:
 * ``vne_blood``, ``vne_remote``: mean VNE in the true blood pool and remote myocardium.
 * ``lesion_centroid``: (row, col) of the VNE's FWHM lesion pixels inside the true myocardium,
   and ``lesion_dice`` against the true lesions.
-* ``window``: (row, col, height, width) of the T1 grid the model ran on (:mod:`vne.roi`); the
+* ``window``: (row, col, height, width) of the T1 grid the model ran on (:mod:`vne.prepare.roi`); the
   cine figures above read the truth masks cropped to it;
 * ``full_grid_gap``: mean |VNE on the window - VNE of the model run on the whole, padded T1 grid|
-  inside the true myocardium (:func:`vne.slices.on_t1_grid`, ``model.predict``), and
+  inside the true myocardium (:func:`vne.prepare.slices.on_t1_grid`, ``model.predict``), and
   ``full_grid_pad``: how many rows/columns that run's padding added (the crop-corner check needs
   > 0: a wrong crop of the padded output shifts the full-grid VNE against the window's).
 
@@ -62,8 +62,8 @@ def _cavity_curve(cine: np.ndarray, blood: np.ndarray, myo: np.ndarray) -> np.nd
 
 def _full_grid_inputs(model, r, pipe) -> dict:
     """The model's inputs of a result's slice on the whole T1 grid (the full-grid path)."""
-    from vne.contract import model_inputs
-    from vne.slices import assemble, on_t1_grid
+    from vne.prepare.contract import model_inputs
+    from vne.prepare.slices import assemble, on_t1_grid
 
     s, why = assemble(r.t1, pipe._pool)
     assert s is not None, why
@@ -75,9 +75,9 @@ def _full_grid_inputs(model, r, pipe) -> dict:
 def measure(model_path: Path, qc: str = "mark") -> dict:
     """The golden measurements (module docstring). ``qc="mark"``: every slice gets a VNE, with
     the guard's verdict recorded (``qc`` per slice), so the spatial checks do not depend on it."""
-    from vne.contract import pad_to_multiple
-    from vne.model import load_model
-    from vne.pipeline import PipelineConfig, process_stream
+    from vne.prepare.contract import pad_to_multiple
+    from vne.runtime.model import load_model
+    from vne.runtime.pipeline import PipelineConfig, process_stream
     from vne.simulate.case import simulate_case
     from vne.simulate.writers import case_to_mrd
 
@@ -137,7 +137,7 @@ def measure(model_path: Path, qc: str = "mark") -> dict:
 
 
 def main() -> int:
-    from vne.model import find_default_model
+    from vne.runtime.model import find_default_model
 
     model = find_default_model()
     m = measure(model)

@@ -8,8 +8,8 @@ import pydicom
 import pytest
 
 from vne.cli import main
-from vne.dicom_io import read_dicom_folder
-from vne.exam import Role
+from vne.io.dicom import read_dicom_folder
+from vne.exam.data import Role
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def test_t1map_writes_t1_and_r2_series(t1map_run, phantom_dir, capsys):
 def test_t1map_summary_is_one_line(tmp_path, capsys, phantom_dir):
     rc = main(["t1map", str(phantom_dir), "--out", str(tmp_path / "o"), "--scheme", "molli"])
     assert rc == 0
-    lines = [l for l in capsys.readouterr().out.splitlines() if l.strip()]
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("vne t1map: 1 slice(s) from 1 IR series (1 with phase)")
     # rerunning into the same folder replaces the series
     assert main(["t1map", str(phantom_dir), "--out", str(tmp_path / "o")]) == 0

@@ -5,7 +5,7 @@ import re
 import numpy as np
 
 from vne.cli import main
-from vne.training_cache import read_index, read_slice
+from vne.io.training_data import read_index, read_slice
 
 
 def test_simulated_dicom_exams_become_a_cache(sim_set, tmp_path):
@@ -23,9 +23,12 @@ def test_simulated_dicom_exams_become_a_cache(sim_set, tmp_path):
     assert x["lge"].shape == x["t1_map_ms"].shape and np.any(x["lge"])
 
 
-def test_phantom_is_excluded_with_a_clear_reason(phantom_dir, tmp_path):
+def test_phantom_is_excluded_with_a_clear_reason(phantom_dir, tmp_path, capsys):
     out = tmp_path / "cache"
-    assert main(["prepare", str(phantom_dir), "--out", str(out)]) == 0
+    # nothing usable (no cine): a user error, one line, exit 2 (as `vne infer` and `vne t1map`)
+    assert main(["prepare", str(phantom_dir), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("vne prepare: error: no slice included") and "no cine slice matches" in err
     rows = list(csv.DictReader(open(out / "inclusion_log.csv")))
     assert rows and all(r["decision"] == "excluded" for r in rows)
     assert any("no cine slice matches" in r["reason"] for r in rows)

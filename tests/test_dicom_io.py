@@ -9,9 +9,10 @@ import numpy as np
 import pydicom
 import pytest
 
-from vne.dicom_io import choose_rescale, read_dicom_folder, write_series
-from vne.exam import Geometry, InputError, MRImage, Role
-from vne.geometry import pixel_centres_mm
+from vne.io.dicom import choose_rescale, read_dicom_folder, write_series
+from vne.errors import InputError
+from vne.exam.data import Geometry, MRImage, Role
+from vne.exam.geometry import pixel_centres_mm
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +90,7 @@ def test_nested_folders_and_junk_files(tmp_path, caplog, phantom_dir):
         shutil.copy(f, deep / f.name)
     shutil.copy(phantom_dir / "ShMOLLI_192i_e11_T1MAP_14" / "IM-0003-0001.dcm", tmp_path / "a" / "colour.dcm")
     (tmp_path / "a" / "notes.txt").write_text("not a dicom file")
-    with caplog.at_level(logging.WARNING, logger="vne.dicom_io"):
+    with caplog.at_level(logging.WARNING, logger="vne.io.dicom"):
         exams = read_dicom_folder(tmp_path)
     assert [im.role for im in exams[0].images] == [Role.IR_MAGNITUDE, Role.IR_MAGNITUDE]
     text = caplog.text
@@ -162,7 +163,7 @@ def test_rgb_and_multiframe_instances_are_excluded(tmp_path, caplog):
     multi.NumberOfFrames = 2
     multi.PixelData = np.zeros((2, 24, 32), np.uint16).tobytes()
     multi.save_as(tmp_path / "s" / "multi.dcm")
-    with caplog.at_level(logging.WARNING, logger="vne.dicom_io"):
+    with caplog.at_level(logging.WARNING, logger="vne.io.dicom"):
         [ex] = read_dicom_folder(tmp_path)
     assert len(ex.images) == 1 and ex.images[0].source == str(good)
     assert "rgb.dcm" in caplog.text and "colour" in caplog.text

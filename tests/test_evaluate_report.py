@@ -3,8 +3,8 @@ import json
 
 import numpy as np
 
-from vne.evaluate import SliceResult, evaluate, write_report
-from vne.training_cache import read_index, read_slice
+from vne.evaluation.analysis import SliceResult, evaluate, write_report
+from vne.io.training_data import read_index, read_slice
 
 
 def results_from_cache(sim_set, vne_of):
@@ -32,6 +32,8 @@ def test_perfect_vne_agrees_perfectly(sim_set, tmp_path):
     for f in ("fig5_agreement.png", "fig5_agreement_adjusted.png", "fig4_panels.png"):
         assert (tmp_path / f).stat().st_size > 10_000 and f in text
     assert json.loads((tmp_path / "metrics.json").read_text())["n_patients"] == 3
+    # identical burdens: the paired Wilcoxon test finds nothing (the report's Wilcoxon p column)
+    assert a["wilcoxon_p"] == 1.0 and "Wilcoxon p" in text
 
 
 def test_noise_lowers_agreement(sim_set):

@@ -8,7 +8,7 @@ image quality), must give the same VNE image per slice: same slice geometry, and
 to the DICOM output's storage step (uint16 with RescaleSlope; the ISMRMRD output is float32, so
 the largest difference is half a step). The max |difference| is printed for each exam.
 
-Skipped when the shared data is absent (``VNE_SHARED_DATA``, as in tests/conftest.py).
+Needs the shared data (``VNE_SHARED_DATA``, see tests/conftest.py ``shared_data``).
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import pydicom
 import pytest
 
 import vne_helpers as H
-from conftest import shared_data_dir
-from vne import mrd_io
+from conftest import shared_data
+from vne.io import mrd as mrd_io
 from vne.cli import main
 
 
@@ -30,10 +30,8 @@ def _units(img) -> np.ndarray:
 
 @pytest.mark.parametrize("exam", ["ext_0", "ext_1"])
 def test_exam_h5_and_dicom_folder_give_the_same_vne(exam, tmp_path):
-    d = shared_data_dir() / "external-exams" / exam
-    if not (d / "exam.h5").is_file() or not (d / "dicom").is_dir():
-        pytest.skip(f"external exam not found at {d} (set VNE_SHARED_DATA)")
-    from vne.dicom_io import read_dicom_folder
+    d = shared_data(f"external-exams/{exam}", "exam.h5", "dicom")
+    from vne.io.dicom import read_dicom_folder
 
     model = str(H.tiny_model())
     h5_out, dcm_out = tmp_path / "vne.h5", tmp_path / "vne-dicom"

@@ -154,7 +154,7 @@ def test_connect_mode_vne_stream_against_vne_serve(stream, model, tmp_path):
     finally:
         if serve.poll() is None:
             serve.kill()
-    from vne.mrd_io import read_mrd_file
+    from vne.io.mrd import read_mrd_file
 
     _, back = read_mrd_file(out)
     by_series = lambda ims: sorted(H.serialized([i for i in ims if i.image_series_index < 1000]))  # noqa: E731
@@ -176,7 +176,7 @@ def test_vne_stream_unreachable_server_is_one_line(tmp_path):
 
 def test_properties_from_config_both_spellings():
     """Gadgetron sends ``<property name= value=/>``; legacy configs use name/value children."""
-    from vne.pipeline import properties_from_config
+    from vne.runtime.pipeline import properties_from_config
 
     xml = ('<configuration><property name="model" value="/m.onnx"/>'
            '<property><name>pixel_type</name><value>uint16</value></property></configuration>')

@@ -2,8 +2,9 @@
 import numpy as np
 import pytest
 
-from vne.exam import Geometry, InputError
-from vne.geometry import (centre_from_first_pixel, crop_geometry, first_pixel_from_centre, pixel_centres_mm,
+from vne.errors import InputError
+from vne.exam.data import Geometry
+from vne.exam.geometry import (centre_from_first_pixel, crop_geometry, first_pixel_from_centre, pixel_centres_mm,
                           planes_match, resample_cycle, resample_to_grid)
 
 
@@ -37,7 +38,7 @@ def test_matching_rule_thresholds():
     ok, why = planes_match(far, g)
     assert not ok and "mm apart" in why
     # rotate the plane by 30 degrees about the read axis: |cos| = 0.866 < 0.9
-    r = np.asarray(g.read_dir); p = np.asarray(g.phase_dir); n = g.slice_dir
+    p = np.asarray(g.phase_dir); n = g.slice_dir
     p2 = np.cos(np.pi / 6) * p + np.sin(np.pi / 6) * n
     tilted = Geometry(g.position_mm, g.read_dir, tuple(p2), g.pixel_spacing_mm, g.shape)
     ok, why = planes_match(tilted, g)

@@ -22,7 +22,7 @@ def model() -> str:
 
 
 def test_infer_h5_keeps_every_input_and_adds_the_vne_series(model, tmp_path):
-    from vne.mrd_io import read_mrd_file
+    from vne.io.mrd import read_mrd_file
 
     out = tmp_path / "out.h5"
     assert main(["infer", str(H.sim_h5()), "--out", str(out), "--model", model]) == 0
@@ -65,8 +65,8 @@ def test_infer_dicom_writes_a_new_derived_series_in_the_same_study(model, tmp_pa
         assert (float(d.RescaleSlope), float(d.RescaleIntercept)) == (0.001, -1.0)
         assert "VNE vne-sim-test" in d.ImageComments
     # the VNE series is never taken for an input when the folder is read again
-    from vne.dicom_io import read_dicom_folder
-    from vne.pipeline import is_vne_output
+    from vne.io.dicom import read_dicom_folder
+    from vne.runtime.pipeline import is_vne_output
 
     again = read_dicom_folder(out)[0].images
     assert all(is_vne_output(im.meta) for im in again)
@@ -81,17 +81,18 @@ def test_infer_user_errors_are_one_line(model, tmp_path, capsys):
 
 
 def test_infer_without_any_vne_says_why(model, tmp_path, capsys):
-    from vne.mrd_io import write_mrd_file
+    from vne.io.mrd import write_mrd_file
 
     header, images = H.sim_stream()
     cine_only = tmp_path / "cine.h5"
     write_mrd_file(cine_only, header, [i for i in images if i.image_series_index == 1])
-    assert main(["infer", str(cine_only), "--out", str(tmp_path / "o.h5"), "--model", model]) == 1
-    assert "no T1 map in this stream" in capsys.readouterr().err
+    assert main(["infer", str(cine_only), "--out", str(tmp_path / "o.h5"), "--model", model]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vne infer: error: no VNE image made") and "no T1 map in this stream" in err
 
 
 def test_default_model_is_the_newest_vne_sim_file(tmp_path, monkeypatch):
-    from vne.model import find_default_model
+    from vne.runtime.model import find_default_model
 
     for name in ("vne-sim-1.9.onnx", "vne-sim-1.10.onnx", "other.onnx"):
         (tmp_path / name).write_bytes(b"")
@@ -106,7 +107,7 @@ def test_runtime_never_imports_torch():
     import subprocess
     import sys
 
-    code = ("import sys, vne.pipeline, vne.model, vne.study_cache, gadgets.vne_gadget, vne.commands.infer, "
+    code = ("import sys, vne.runtime.pipeline, vne.runtime.model, vne.runtime.study_store, gadgets.vne_gadget, vne.commands.infer, "
             "vne.commands.serve, vne.commands.stream; print('torch' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ})
     assert r.stdout.strip() == "False", r.stderr

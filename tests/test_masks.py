@@ -19,10 +19,11 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, PYDICOM_IMPLEMENTATION_UID, SegmentationStorage, generate_uid
 
-from vne.dicom_io import read_dicom_folder
-from vne.exam import Geometry, InputError, MRImage
-from vne.geometry import first_pixel_from_centre, pixel_centres_mm
-from vne import masks as M
+from vne.io.dicom import read_dicom_folder
+from vne.errors import InputError
+from vne.exam.data import Geometry, MRImage
+from vne.exam.geometry import first_pixel_from_centre, pixel_centres_mm
+from vne.io import masks as M
 
 MASKS = ("myocardium", "remote", "blood_pool", "lesion")
 
@@ -88,7 +89,7 @@ def test_simulator_truth_file_is_a_study_npz(case, sim_set, tmp_path):
 
 
 def ras_affine(g: Geometry) -> np.ndarray:
-    """Independent of vne.masks: voxel (i=column, j=row, k) -> RAS mm for a mask stored as mask.T."""
+    """Independent of vne.io.masks: voxel (i=column, j=row, k) -> RAS mm for a mask stored as mask.T."""
     dy, dx = g.pixel_spacing_mm
     a = np.eye(4)
     a[:3, 0] = np.asarray(g.read_dir) * dx
@@ -115,9 +116,9 @@ def test_nifti_on_the_t1_grid_loads_exactly(case, tmp_path, suffix):
 
 
 def test_nifti_files_of_nibabel_and_ours_agree(case, tmp_path):
-    """Cross-check with nibabel (when installed): its sform-only, qform-only, NIfTI-2 and big-endian
-    files load exactly, and it reads our files with our affine."""
-    nib = pytest.importorskip("nibabel")
+    """nibabel's own sform-only, qform-only, NIfTI-2 and big-endian files load exactly through
+    read_nifti / nifti_on_grid, and write_nifti_mask stores our affine as sform and qform."""
+    import nibabel as nib
     t1s, truth, pid = case
     g, want = t1s[0].geometry, truth["s0_myocardium"]
     a = ras_affine(g)
@@ -485,8 +486,8 @@ def test_collect_dicom_on_simulated_dicom_with_numpy_masks(sim_set, tmp_path, ca
     pytest.importorskip("onnxruntime")
     pytest.importorskip("torch")
     import vne_helpers as H
-    from vne.evaluate import evaluate
-    from vne.evaluate_dicom import collect_dicom
+    from vne.evaluation.analysis import evaluate
+    from vne.evaluation.collect_dicom import collect_dicom
 
     doc = json.loads((sim_set / "cases.json").read_text())
     masks = tmp_path / "masks"
@@ -503,7 +504,7 @@ def test_collect_dicom_on_simulated_dicom_with_numpy_masks(sim_set, tmp_path, ca
                 want[(c["case_id"], f"s{k}")] = arrays
     first = doc["cases"][0]
     (masks / "lesion_free.csv").write_text(f"patient_id,lesion_free\n{first['patient_id']},{int(not first['lesion_free'])}\n")
-    with caplog.at_level(logging.INFO, logger="vne.evaluate_dicom"):
+    with caplog.at_level(logging.INFO, logger="vne.evaluation.collect_dicom"):
         res = collect_dicom(sim_set / "dicom", masks, H.tiny_model())
     assert {(r.case_id, r.slice_key) for r in res} == set(want)
     skipped = doc["cases"][1]["case_id"]

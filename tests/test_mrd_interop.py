@@ -16,13 +16,13 @@ Writers covered (docs/roles.md, "Who writes what"):
 :func:`dicom2mrd` below is a line-by-line port of ``dicom2mrd.py`` from
 github.com/kspaceKelvin/python-ismrmrd-server (commit df45f516ac5ecadda5f6ad46bee96f0c52069bdb),
 whose source was read for this test, for single-frame MR Image Storage. Two deviations: the XML
-header is made with :func:`vne.mrd_io.header_xml` (the original's ``ismrmrd.xsd.ismrmrdHeader()``
+header is made with :func:`vne.io.mrd.header_xml` (the original's ``ismrmrd.xsd.ismrmrdHeader()``
 fails with ismrmrd 1.15, which wants its required fields as keyword arguments), and a missing
 AcquisitionTime (our simulator's DICOM has none) leaves ``acquisition_time_stamp`` 0 instead of
 raising. With the header patched the same way, the original script converted
 ``ext_0/dicom`` to a file whose images (headers, meta, pixels) this port reproduces.
 
-No mocks: the real CLI, the shared external exam (skipped when absent; ``VNE_SHARED_DATA``),
+No mocks: the real CLI, the shared external exam (``VNE_SHARED_DATA``; a failure when absent),
 the simulated exam of :mod:`vne_helpers`, and a tiny random ONNX generator.
 """
 from __future__ import annotations
@@ -41,10 +41,11 @@ import pydicom
 import pytest
 
 import vne_helpers as H
-from conftest import shared_data_dir
-from vne import mrd_io
+from conftest import shared_data
+from vne.io import mrd as mrd_io
 from vne.cli import main
-from vne.exam import InputError, Role
+from vne.errors import InputError
+from vne.exam.data import Role
 
 TIMESTAMP_GROUP = "2024-05-17 14:03:27.512893"
 
@@ -54,9 +55,10 @@ def _qc_off() -> list[str]:
     and these tests check the data path, not the image quality."""
     import dataclasses
 
-    from vne.pipeline import PipelineConfig
+    from vne.runtime.pipeline import PipelineConfig
 
-    return ["-p", "qc=off"] if "qc" in {f.name for f in dataclasses.fields(PipelineConfig)} else []  # python-ismrmrd-server client.py: str(datetime.datetime.now())
+    # python-ismrmrd-server client.py: str(datetime.datetime.now())
+    return ["-p", "qc=off"] if "qc" in {f.name for f in dataclasses.fields(PipelineConfig)} else []
 
 
 @pytest.fixture(scope="module")
@@ -66,10 +68,7 @@ def model() -> str:
 
 @pytest.fixture(scope="module")
 def ext0() -> Path:
-    d = shared_data_dir() / "external-exams" / "ext_0"
-    if not (d / "exam.h5").is_file() or not (d / "dicom").is_dir():
-        pytest.skip(f"external exam not found at {d} (set VNE_SHARED_DATA)")
-    return d
+    return shared_data("external-exams/ext_0", "exam.h5", "dicom")
 
 
 # ------------------------------------------------------------------------------ dicom2mrd.py port
@@ -282,9 +281,7 @@ def test_every_image_group_is_read_whatever_its_name(tmp_path):
 @pytest.mark.parametrize("source", ["sim", "ext_0"])
 def test_dicom2mrd_file_gives_the_same_vne_as_the_dicom_folder(model, source, tmp_path):
     if source == "ext_0":
-        d = shared_data_dir() / "external-exams" / "ext_0" / "dicom"
-        if not d.is_dir():
-            pytest.skip(f"external exam not found at {d}")
+        d = shared_data("external-exams/ext_0/dicom")
     else:
         d = H.sim_dicom()
     f = dicom2mrd(d, tmp_path / "d2m.h5")
@@ -294,7 +291,7 @@ def test_dicom2mrd_file_gives_the_same_vne_as_the_dicom_folder(model, source, tm
     dcm_out, h5_out = tmp_path / "vne-dicom", tmp_path / "vne.h5"
     assert main(["infer", str(d), "--out", str(dcm_out), "--model", model, *_qc_off()]) == 0
     assert main(["infer", str(f), "--out", str(h5_out), "--model", model, *_qc_off()]) == 0
-    from vne.dicom_io import read_dicom_folder
+    from vne.io.dicom import read_dicom_folder
 
     ref = read_dicom_folder(dcm_out)[0].images
     vne = _vne_images(h5_out, {m.image_series_index for m in images})
@@ -322,7 +319,7 @@ def test_dicom_json_geometry_pixels_and_times_match_the_dicom_reader(tmp_path):
     """Every image of a dicom2mrd file reads as the DICOM reader reads its source file: image
     centre (not ImagePositionPatient, which dicom2mrd puts in ``position``), spacing (not
     dicom2mrd's swapped field_of_view), pixels in physical units, role, TI and trigger time."""
-    from vne.dicom_io import read_dicom_folder
+    from vne.io.dicom import read_dicom_folder
 
     src = H.sim_dicom()
     ref = {(int(m.meta["SeriesNumber"]), int(m.meta["InstanceNumber"])): m for m in read_dicom_folder(src)[0].images}
@@ -349,7 +346,7 @@ def test_dicom_json_fills_ti_trigger_and_descriptions_missing_from_meta():
     header, images = H.sim_stream()
     t1 = next(m for m in images if m.image_series_index == 4)
     g = mrd_io.geometry_of(t1)
-    from vne.geometry import first_pixel_from_centre
+    from vne.exam.geometry import first_pixel_from_centre
 
     dj = {"00200032": {"vr": "DS", "Value": [float(v) for v in first_pixel_from_centre(g)]},
           "00200037": {"vr": "DS", "Value": [*map(float, g.read_dir), *map(float, g.phase_dir)]},
@@ -405,7 +402,7 @@ def test_trigger_time_from_physiology_time_stamp_without_trigger_meta(model, tmp
 
 
 def test_trigger_and_ti_parsing_helpers():
-    from vne.roles import inversion_time_from_meta, trigger_time_from_meta
+    from vne.exam.roles import inversion_time_from_meta, trigger_time_from_meta
 
     assert trigger_time_from_meta({"TriggerTime": "0.00"}) == 0.0
     assert trigger_time_from_meta({"GADGETRON_TriggerTime": ["26.76"]}) == 26.76
@@ -416,7 +413,7 @@ def test_trigger_and_ti_parsing_helpers():
 
 # ------------------------------------------------------------------------------ position = first pixel
 def _with_positions_as_first_pixels(images):
-    from vne.geometry import first_pixel_from_centre
+    from vne.exam.geometry import first_pixel_from_centre
 
     out = []
     for im in images:
@@ -443,7 +440,7 @@ def test_first_pixel_check_is_silent_on_centre_conventions_and_keeps_geometry(ex
 def test_first_pixel_check_on_same_centre_series_and_dicom_json(tmp_path, caplog):
     """Two series planned on one slice with one FOV centre but different FOVs: centres agree as
     stored; first pixels stored instead disagree by half the FOV difference -> warning."""
-    from vne.exam import Geometry, MRImage
+    from vne.exam.data import Geometry, MRImage
 
     n = np.array([0.3, -0.2, 0.93])
     n /= np.linalg.norm(n)
@@ -473,7 +470,7 @@ def test_unreadable_or_incomplete_dicom_json_falls_back_to_the_header(caplog):
     for bad in ("not base64 json!", base64.b64encode(b'{"00200032": {"vr": "DS", "Value": [1, 2, 3]}}').decode()):
         c = ismrmrd.Image(t1.getHead(), data=np.asarray(t1.data).copy())
         c.meta = ismrmrd.Meta({**meta, "DicomJson": bad})
-        with caplog.at_level(logging.WARNING, logger="vne.mrd_io"):
+        with caplog.at_level(logging.WARNING, logger="vne.io.mrd"):
             im = mrd_io.from_mrd(c, _study(header))
         assert im.geometry == mrd_io.from_mrd(t1, _study(header)).geometry and im.role == Role.T1_MAP
     assert any("DicomJson" in r.getMessage() for r in caplog.records)

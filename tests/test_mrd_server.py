@@ -1,6 +1,6 @@
-"""``vne serve --protocol mrd`` (vne/mrd_server.py, vne/framing.py) over real TCP sockets on 127.0.0.1.
+"""``vne serve --protocol mrd`` (vne/runtime/mrd_server.py, vne/io/framing.py) over real TCP sockets on 127.0.0.1.
 
-The server is the real one (:func:`vne.mrd_server.serve` on an ephemeral port, in a thread, or
+The server is the real one (:func:`vne.runtime.mrd_server.serve` on an ephemeral port, in a thread, or
 ``vne serve --protocol mrd`` as a subprocess). The client in these tests is our own code
 speaking the documented MRD wire format (python-ismrmrd-server's ``connection.py`` /
 ``constants.py``): uint16 message ids, CONFIG_FILE as 1024 NUL-padded bytes, length-prefixed
@@ -8,7 +8,7 @@ texts, images as ImageHeader + uint64 attribute length + attributes + data. No r
 (python-ismrmrd-server's ``client.py``, ``gadgetron_ismrmrd_client``) runs in the default suite;
 :func:`test_real_python_ismrmrd_server_client` runs ``client.py`` when ``VNE_MRD_CLIENT_DIR``
 names a python-ismrmrd-server checkout. The reply parser below is written independently of
-:mod:`vne.framing` so that byte-identity is not checked by the code under test.
+:mod:`vne.io.framing` so that byte-identity is not checked by the code under test.
 
 The exam is one simulated case from ``vne simulate`` (tests/vne_helpers.py) and the model a tiny
 random one: the data path is checked, not the image content.
@@ -167,14 +167,13 @@ def stream():
 @pytest.fixture(scope="module")
 def server():
     """The MRD server in a thread on 127.0.0.1:<ephemeral>, tiny model, no study cache, small limits."""
-    from vne import mrd_server
-    from vne.commands.serve import bind
-    from vne.framing import FrameLimits
-    from vne.model import load_model
-    from vne.pipeline import PipelineConfig
+    from vne.runtime import mrd_server
+    from vne.io.framing import FrameLimits
+    from vne.runtime.model import load_model
+    from vne.runtime.pipeline import PipelineConfig
 
     model_path = H.tiny_model()
-    # qc off: the model is random, its output would not pass the quality guard (vne.qc); the data path is tested
+    # qc off: the model is random, its output would not pass the quality guard (vne.runtime.qc); the data path is tested
     defaults = PipelineConfig(model=str(model_path), cache_dir="none", qc="off")
     model = load_model(str(model_path))
     opts = mrd_server.ServerOptions(limits=FrameLimits(max_text=1 << 20, max_attributes=1 << 20, max_data=64 << 20),
@@ -305,7 +304,7 @@ def test_busy_cap_and_read_timeout(stream):
     """A server with one slot and a 1.5 s read timeout: a second connection gets a TEXT "busy"
     and CLOSE; the idle first one gets a TEXT read timeout and CLOSE (never a dropped connection).
     Our own client speaking the documented wire format (no real MRD client can run here)."""
-    from vne import mrd_server
+    from vne.runtime import mrd_server
     from vne.commands.serve import bind
 
     header, _ = stream
@@ -330,8 +329,8 @@ def test_busy_cap_and_read_timeout(stream):
 
 
 def test_framing_returns_exact_bytes_and_names_unknown_ids():
-    """vne.framing on a file-like object: each frame's raw bytes are the input bytes exactly."""
-    from vne import framing as F
+    """vne.io.framing on a file-like object: each frame's raw bytes are the input bytes exactly."""
+    from vne.io import framing as F
 
     im = ismrmrd.Image.from_array(np.arange(12, dtype=np.float32).reshape(3, 4), transpose=False)
     im.meta = {"a": "1"}
@@ -352,7 +351,7 @@ def test_framing_returns_exact_bytes_and_names_unknown_ids():
     int32 = struct.pack("<H", IMAGE) + bytes(head) + struct.pack("<Q", 0) + np.arange(12, dtype=np.int32).tobytes()
     fr = F.read_frame(io.BytesIO(int32 + struct.pack("<H", CLOSE)))
     assert fr.raw == int32 and fr.data_len == 48
-    from vne.pipeline import RawImage
+    from vne.runtime.pipeline import RawImage
 
     assert isinstance(F.decode_image(fr), RawImage)
 
@@ -391,7 +390,7 @@ def test_real_python_ismrmrd_server_client(server, stream, tmp_path):
     d = os.environ.get("VNE_MRD_CLIENT_DIR")
     if not d or not (Path(d) / "client.py").is_file():
         pytest.skip("set VNE_MRD_CLIENT_DIR to a python-ismrmrd-server checkout to run its client.py")
-    from vne.mrd_io import read_mrd_file
+    from vne.io.mrd import read_mrd_file
 
     out = tmp_path / "out.h5"
     r = subprocess.run([sys.executable, str(Path(d) / "client.py"), str(H.sim_h5()), "-a", "127.0.0.1", "-p",

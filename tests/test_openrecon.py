@@ -13,7 +13,7 @@ the MRD client ``vne stream --protocol mrd`` (vne/commands/stream.py) — issue 
   self.is_exhausted: yield self.next()``); ``send_image(images)`` (one image or a list, ``None``
   skipped), ``send_acquisition``, ``send_waveform``, ``send_logging(level, contents)`` (sends
   ``"%s %s" % (level, contents)``), ``send_close()``. It records what each method was given.
-- ``vne stream --protocol mrd`` runs against the real MRD server (:func:`vne.mrd_server.serve`
+- ``vne stream --protocol mrd`` runs against the real MRD server (:func:`vne.runtime.mrd_server.serve`
   on 127.0.0.1, an ephemeral port, in a thread), through the real CLI.
 
 The exam is one simulated case (tests/vne_helpers.py) and the model a tiny random one: the data
@@ -28,7 +28,6 @@ import re
 import socket
 import struct
 import sys
-import threading
 import zipfile
 from pathlib import Path
 
@@ -73,14 +72,14 @@ def stream():
 
 @pytest.fixture(scope="module")
 def model():
-    from vne.model import load_model
+    from vne.runtime.model import load_model
 
     return load_model(str(H.tiny_model()))
 
 
 @pytest.fixture(scope="module")
 def defaults():
-    from vne.pipeline import PipelineConfig
+    from vne.runtime.pipeline import PipelineConfig
 
     return PipelineConfig(model=str(H.tiny_model()), cache_dir="none")
 
@@ -134,7 +133,7 @@ def test_schema_check_rejects_other_invalid_labels(label, schema, mutate, expect
 
 def test_label_parameters_are_config_and_client_settable_vne_properties(label):
     from gadgets import vne_mrd
-    from vne.pipeline import PROPERTY_DOCS, SERVER_ONLY_PROPERTIES
+    from vne.runtime.pipeline import PROPERTY_DOCS, SERVER_ONLY_PROPERTIES
 
     ids = [p["id"] for p in label["parameters"]]
     assert ids[0] == "config" and label["parameters"][0]["default"] == "vne"
@@ -305,8 +304,8 @@ def test_process_returns_every_input_unchanged_plus_vne(stream, model, defaults)
     message from the client, config as python-ismrmrd-server passes a JSON configAdditional."""
     from gadgets import vne_mrd
     from test_gadget_protocol import check_vne_images
-    from vne.mrd_io import parse_header
-    from vne.pipeline import VNEPipeline
+    from vne.io.mrd import parse_header
+    from vne.runtime.pipeline import VNEPipeline
 
     header, images = stream
     items = list(images)
@@ -371,8 +370,8 @@ def test_process_survives_a_connection_that_fails_mid_stream(stream, model, defa
 @pytest.fixture(scope="module")
 def mrd_port(model):
     """The real MRD server in a thread on 127.0.0.1:<ephemeral>, tiny model, no study cache."""
-    from vne import mrd_server
-    from vne.pipeline import PipelineConfig
+    from vne.runtime import mrd_server
+    from vne.runtime.pipeline import PipelineConfig
 
     defaults = PipelineConfig(model=str(H.tiny_model()), cache_dir="none")
     opts = mrd_server.ServerOptions(read_timeout_s=60.0, max_active=4, linger_s=1.0)
@@ -381,7 +380,7 @@ def mrd_port(model):
 
 
 def _read_back(path: Path) -> list:
-    from vne.mrd_io import read_mrd_file
+    from vne.io.mrd import read_mrd_file
 
     return read_mrd_file(path)[1]
 
@@ -404,7 +403,7 @@ def test_stream_mrd_round_trips_an_exam_byte_identically(mrd_port, stream, tmp_p
 
 def test_exchange_mrd_replies_are_the_exact_input_messages(mrd_port, stream):
     """On the wire: every input IMAGE message comes back as the same bytes (packed here
-    independently of vne.framing), in order, then the VNE images and the TEXT, CLOSE last."""
+    independently of vne.io.framing), in order, then the VNE images and the TEXT, CLOSE last."""
     from vne.commands.stream import exchange_mrd
 
     header, images = stream

@@ -1,7 +1,7 @@
 """Bad and incomplete input: a specific logged reason, no VNE for the affected slices, no
 exception out of the pipeline, and every original passed on (the same objects, in order).
 
-No peer is mocked. Most cases drive :class:`vne.pipeline.VNEPipeline` directly (the function
+No peer is mocked. Most cases drive :class:`vne.runtime.pipeline.VNEPipeline` directly (the function
 every entry point shares) with a real ONNX model (a tiny random generator) on one simulated
 slice, as a scanner sends it; the cases that live in the connection (a stream that drops
 mid-study, a 4-byte int32 image from a C++ peer) run the real gadget over a real TCP socket
@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 import vne_helpers as H
-from vne.contract import ModelContract
-from vne.model import clear_cache
-from vne.pipeline import PipelineConfig, VNEPipeline, process_stream, t1_units_problem
+from vne.prepare.contract import ModelContract
+from vne.runtime.model import clear_cache
+from vne.runtime.pipeline import PipelineConfig, VNEPipeline, process_stream, t1_units_problem
 
 T1, CINE, IR, PHASE = 4, 1, 2, 3
 
@@ -132,7 +132,7 @@ def test_int32_image_from_a_cpp_peer_passes_byte_for_byte(slice0, header, model)
     raw = bytes(raw_head) + np.uint64(len(attr)).tobytes() + attr + data
     items = slice0[:30] + [raw] + slice0[30:]
     got, p = H.run_in_thread(header, items, H.config_xml(model=model, cache_dir="none"), int32_safe=True)
-    from vne.pipeline import RawImage
+    from vne.runtime.pipeline import RawImage
 
     raws = [g for g in got if isinstance(g, RawImage)]
     assert len(raws) == 1 and raws[0].payload == raw
@@ -219,7 +219,7 @@ def test_unusable_model_is_reported_once_and_everything_passes(slice0, header, t
     clear_cache()
     for name, (path, expected) in _model_cases(tmp_path).items():
         caplog.clear()
-        with caplog.at_level(logging.ERROR, logger="vne.pipeline"):
+        with caplog.at_level(logging.ERROR, logger="vne.runtime.pipeline"):
             vne, p = run(slice0, header, str(path))
         assert vne == [], name
         assert p.disabled_reason and expected in p.disabled_reason, (name, p.disabled_reason)
@@ -233,7 +233,7 @@ def test_model_contract_that_does_not_match_the_data(slice0, header):
 
 
 def test_bad_property_values_disable_vne_but_not_pass_through(slice0, header, model):
-    from vne.exam import InputError
+    from vne.errors import InputError
 
     with pytest.raises(InputError, match="pixel_type"):
         PipelineConfig.from_properties({"pixel_type": "int8"})

@@ -1,4 +1,4 @@
-"""The quality guard (vne.qc): it passes our own slices and refuses unfamiliar input.
+"""The quality guard (vne.runtime.qc): it passes our own slices and refuses unfamiliar input.
 
 Each refusal case of issue 14 is fed to it: a 3 T T1 map to a 1.5 T model, T1 in the wrong units,
 shuffled cine phases, an IR series from another slice (and a cine from the wrong place), plus the
@@ -14,12 +14,12 @@ import logging
 import numpy as np
 import pytest
 
-from vne.contract import ModelContract, model_inputs
-from vne.exam import Role
-from vne.qc import QCLimits, check_inputs, check_output, checkerboard_index, find_lv
+from vne.prepare.contract import ModelContract, model_inputs
+from vne.exam.data import Role
+from vne.runtime.qc import QCLimits, check_inputs, check_output, checkerboard_index, find_lv
 from vne.simulate.case import simulate_case
 from vne.simulate.writers import as_delivered
-from vne.slices import assemble, on_t1_grid
+from vne.prepare.slices import assemble, on_t1_grid
 
 CONTRACT = ModelContract()
 
@@ -166,9 +166,9 @@ def _stream():
 
 def _run(images, header, qc: str, caplog):
     import vne_helpers as H
-    from vne.pipeline import PipelineConfig, process_stream
+    from vne.runtime.pipeline import PipelineConfig, process_stream
 
-    caplog.set_level(logging.WARNING, logger="vne.pipeline")
+    caplog.set_level(logging.WARNING, logger="vne.runtime.pipeline")
     return process_stream(images, PipelineConfig(model=str(H.tiny_model()), cache_dir="none", qc=qc), header=header)
 
 
@@ -176,7 +176,7 @@ def _shuffled_cine(images):
     """The stream with each slice's cine trigger times permuted (the pixels stay)."""
     import ismrmrd
 
-    from vne.mrd_io import meta_dict
+    from vne.io.mrd import meta_dict
 
     rng = np.random.default_rng(1)
     out, groups = list(images), {}

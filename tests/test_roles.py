@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from vne.exam import InputError, Role
-from vne.roles import (
+from vne.errors import InputError
+from vne.exam.data import Role
+from vne.exam.roles import (
     DEFAULT_RULES,
     OVERRIDE_PROPERTIES,
     RoleRules,
@@ -17,7 +18,7 @@ from vne.roles import (
     t1_scale_from_meta,
 )
 
-# The phantom's own headers (ShMOLLI, Siemens VE11C), as read by vne.dicom_io.
+# The phantom's own headers (ShMOLLI, Siemens VE11C), as read by vne.io.dicom.
 SHMOLLI_IR = {"SeriesDescription": "ShMOLLI_192i_e11", "ImageType": ["ORIGINAL", "PRIMARY", "M", "DIS2D"],
               "InversionTime": "100", "ImageComments": "TIeff 100 ms", "SequenceName": "tfi2d1_84",
               "ProtocolName": "ShMOLLI_192i_e11", "TriggerTime": "532.5"}

@@ -2,14 +2,14 @@
 import json
 
 import numpy as np
-import pytest
 
-from vne import mrd_io
-from vne.exam import Role
-from vne.geometry import planes_match
+from vne.io import mrd as mrd_io
+from vne.exam.data import Role
+from vne.exam.roles import meta_text
+from vne.exam.geometry import planes_match
 from vne.simulate.case import simulate_case
-from vne.slices import build_slices
-from vne.training_cache import read_index, read_slice
+from vne.prepare.slices import build_slices
+from vne.io.training_data import read_index, read_slice
 
 
 def read_case(path):
@@ -56,7 +56,7 @@ def test_ismrmrd_series_and_meta_follow_conventions(sim_set):
             if im.role in (Role.IR_MAGNITUDE, Role.IR_PHASE):
                 assert im.inversion_time_ms and im.inversion_time_ms > 50
                 if "ImageComments" in meta:
-                    assert "TIeff" in mrd_io.meta_text(meta, "ImageComments")
+                    assert "TIeff" in meta_text(meta, "comments")
             if im.role == Role.IR_PHASE:
                 assert m.image_type == 2 and np.abs(im.pixels).max() <= np.pi + 1e-5
         # one series per scan
@@ -138,7 +138,7 @@ def test_simulator_is_deterministic_per_seed():
 
 
 def test_dicom_output_reads_back(sim_set):
-    from vne.dicom_io import read_dicom_folder
+    from vne.io.dicom import read_dicom_folder
 
     case = sorted((sim_set / "dicom").iterdir())[0]
     exams = read_dicom_folder(case)

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from vne import quantify, stats
-from vne.exam import InputError
+from vne.evaluation import quantify, stats
+from vne.errors import InputError
 
 
 def test_icc_hand_computed():

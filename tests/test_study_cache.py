@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 import vne_helpers as H
-from vne.exam import Role
-from vne.mrd_io import from_mrd, parse_header, study_key
-from vne.study_cache import StudyCache, study_hash
+from vne.exam.data import Role
+from vne.io.mrd import from_mrd, parse_header, study_key
+from vne.runtime.study_store import StudyCache, study_hash
 
 STUDY = "1.2.3.4"
 FOR = "1.2.3.5"
@@ -83,7 +83,7 @@ def test_unwritable_folder_is_logged_once_and_ignored(images, tmp_path, caplog):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     c = StudyCache(blocker / "cache")
-    with caplog.at_level(logging.WARNING, logger="vne.study_cache"):
+    with caplog.at_level(logging.WARNING, logger="vne.runtime.study_store"):
         assert c.put(images, study_uid=STUDY, frame_of_reference_uid=FOR, origin="x") == 0
         assert c.put(images, study_uid=STUDY, frame_of_reference_uid=FOR, origin="x") == 0
     assert sum("continuing without it" in r.getMessage() for r in caplog.records) == 1
@@ -108,7 +108,7 @@ def test_background_write_is_waited_for_in_process(images, tmp_path):
 
 def test_pipeline_with_cache_disabled_or_unwritable_still_works(tmp_path):
     """A single stream holding every series needs no cache; an unwritable one changes nothing."""
-    from vne.pipeline import PipelineConfig, process_stream
+    from vne.runtime.pipeline import PipelineConfig, process_stream
 
     header, images = H.sim_stream()
     one = [im for im in images if im.slice == 0]
@@ -119,3 +119,43 @@ def test_pipeline_with_cache_disabled_or_unwritable_still_works(tmp_path):
         if p.cache_thread is not None:
             p.cache_thread.join()
         assert len(p.results) == 1 and len(out) == len(one) + 1
+
+
+def test_leftovers_of_interrupted_writes_are_swept_at_start(images, tmp_path):
+    """Temporary files name their writer's process id: at a process's first use of the folder,
+    those of processes that are gone (and of its own id, left by an earlier process) are
+    deleted at once; a live writer's are kept."""
+    import subprocess
+    import sys
+
+    c = StudyCache(tmp_path / "cache")
+    root = c.root
+    root.mkdir(mode=0o700)
+    folder = root / study_hash(STUDY, FOR)
+    folder.mkdir(mode=0o700)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        dead_tmp = folder / f".abc.npz.{gone.pid}.x1.tmp"
+        own_tmp = folder / f".abc.json.{os.getpid()}.x2.tmp"
+        live_tmp = folder / f".def.npz.{live.pid}.x3.tmp"
+        for p in (dead_tmp, own_tmp, live_tmp):
+            p.write_bytes(b"partial")
+        assert c.get(study_uid=STUDY, frame_of_reference_uid=FOR) == []  # the first use sweeps
+        assert not dead_tmp.exists() and not own_tmp.exists() and live_tmp.exists()
+        # later writes of this process leave no temporary files behind
+        c.put(images, study_uid=STUDY, frame_of_reference_uid=FOR, origin="x")
+        assert sorted(p.name for p in folder.glob(".*.tmp")) == [live_tmp.name]
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_cache_smaller_than_one_entry_warns_once_per_process(images, tmp_path, caplog):
+    """Every connection opens its own StudyCache: the WARNING comes once, not per connection."""
+    cine = [im for im in images if im.role == Role.CINE]
+    with caplog.at_level(logging.WARNING, logger="vne.runtime.study_store"):
+        for origin in ("a", "b", "c"):
+            StudyCache(tmp_path, max_mb=0.001).put(cine, study_uid=STUDY, frame_of_reference_uid=FOR, origin=origin)
+    assert sum("more than cache_max_mb" in r.getMessage() for r in caplog.records) == 1

@@ -10,7 +10,7 @@ import pytest
 from scipy import ndimage
 from scipy.optimize import least_squares
 
-from vne.exam import InputError
+from vne.errors import InputError
 from vne.t1 import detect_scheme, fit_t1, phase_signs, restore_polarity
 
 
@@ -110,7 +110,7 @@ def test_vectorised_fit_matches_per_pixel_least_squares_and_truth():
         best = None
         for k in range(5):  # brute force: every "first k negative" pattern, from the true start
             ys = np.abs(s) * np.where(np.arange(s.size) < k, -1, 1)
-            ls = least_squares(lambda p: p[0] - p[1] * np.exp(-ti[order] / p[2]) - ys,
+            ls = least_squares(lambda p, ys=ys: p[0] - p[1] * np.exp(-ti[order] / p[2]) - ys,
                                [a[i, j], b[i, j], t1[i, j] / (b[i, j] / a[i, j] - 1)], method="lm")
             if best is None or ls.cost < best.cost:
                 best = ls

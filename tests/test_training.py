@@ -18,9 +18,11 @@ import pytest
 torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 
-from vne.contract import CONTRACT_KEY, ModelContract  # noqa: E402
-from vne.training_cache import MASK_KEYS, read_index, write_index, write_slice  # noqa: E402
+from vne.prepare.contract import CONTRACT_KEY, ModelContract  # noqa: E402
+from vne.io.training_data import MASK_KEYS, read_index, write_index, write_slice  # noqa: E402
 
+from training.checkpoint import load_checkpoint  # noqa: E402
+from vne.errors import InputError  # noqa: E402
 from training.dataset import VNEDataset, normalise_target, split_entries, split_patients  # noqa: E402
 from training.networks import VNEGenerator, count_macs, count_params, robust_scale  # noqa: E402
 
@@ -77,9 +79,10 @@ def _config(cache: Path, out: Path, **schedule) -> dict:
         "name": "test", "model_name": "vne-test", "model_version": "0.0.1", "seed": 0, "threads": 1,
         "cache": str(cache), "out": str(out), "progress": False,
         "model": {"base_channels": 4, "fusion_channels": 8, "head_channels": 4, "film_hidden": 8},
-        "discriminator": {"base_channels": 8, "n_layers": 2},
-        "data": {"crop": 32, "batch_size": 2, "split": [0.5, 0.25, 0.25], "val_max_slices": 2, "val_batch_size": 2},
-        "loss": {"w_ssim": 1.0},
+        "discriminator": {"base_channels": 8, "n_layers": 2, "num_scales": 1},
+        "data": {"crop": 32, "batch_size": 2, "split": [0.5, 0.25, 0.25], "val_max_slices": 2, "val_batch_size": 2,
+                 "num_workers": 0},
+        "loss": {"w_ssim": 1.0, "gan_start_step": 0},
         "schedule": {"max_steps": 4, "log_every": 1, "val_every": 2, "ckpt_every": 2, "panels": 1, **schedule},
     }
 
@@ -220,8 +223,8 @@ def test_train_resume_and_time_budget(cache, tmp_path):
         assert (out / name).is_file(), name
     assert sorted(p.name for p in (out / "panels").glob("*.png")) == ["step_0000002.png", "step_0000004.png"]
     # resuming restored weights, optimisers, schedulers and data order: same weights as uninterrupted
-    a = torch.load(tmp_path / "ref" / "latest.pt", weights_only=False)["generator"]
-    b = torch.load(out / "latest.pt", weights_only=False)["generator"]
+    a = load_checkpoint(tmp_path / "ref" / "latest.pt")["generator"]
+    b = load_checkpoint(out / "latest.pt")["generator"]
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6), k
     split = json.loads((out / "split.json").read_text())
@@ -284,3 +287,33 @@ def test_vgg_perceptual_loads_a_torchvision_state_dict(tmp_path):
     assert parts["g_perc"] > 0 and fake.grad is not None
     with pytest.raises(ValueError, match="vgg_weights"):
         GeneratorObjective({"perceptual": "vgg"})
+
+
+def _leaves(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_leaves(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {prefix + k: v})
+    return out
+
+
+def test_packaged_configs_agree_with_the_one_set_of_defaults():
+    """training.train.DEFAULT_CONFIG is the one source of defaults: configs/default.json restates
+    nothing differently, and no packaged config has a key the defaults lack (a typo)."""
+    from training import CONFIG_DIR
+    from training.train import DEFAULT_CONFIG, load_config, unknown_keys
+
+    default = json.loads((CONFIG_DIR / "default.json").read_text())
+    defaults = _leaves(DEFAULT_CONFIG)
+    assert {k: v for k, v in _leaves(default).items() if defaults.get(k) != v} == {}
+    assert load_config("default") == DEFAULT_CONFIG
+    for path in CONFIG_DIR.glob("*.json"):
+        assert unknown_keys(json.loads(path.read_text())) == [], path.name
+
+
+def test_unknown_config_keys_are_refused(tmp_path):
+    from training.train import load_config
+
+    bad = tmp_path / "typo.json"
+    bad.write_text(json.dumps({"schedule": {"val_evry": 5}, "loss": {"w_l1": 1.0}}))
+    with pytest.raises(InputError, match="schedule.val_evry"):
+        load_config(bad)

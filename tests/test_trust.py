@@ -23,13 +23,14 @@ import numpy as np
 import pytest
 
 import vne_helpers as H
-from vne.exam import InputError, Role
-from vne.mrd_io import from_mrd, parse_header, study_key
-from vne import model as M
-from vne.pipeline import PipelineConfig, VNEPipeline, process_stream
-from vne.study_cache import StudyCache, default_cache_dir, study_hash
+from vne.errors import InputError
+from vne.exam.data import Role
+from vne.io.mrd import from_mrd, parse_header, study_key
+from vne.runtime import model as M
+from vne.runtime.pipeline import PipelineConfig, VNEPipeline, process_stream
+from vne.runtime.study_store import StudyCache, default_cache_dir, study_hash
 
-SHIPPED = __import__("vne.model", fromlist=["find_default_model"]).find_default_model()  # the newest shipped model
+SHIPPED = __import__("vne.runtime.model", fromlist=["find_default_model"]).find_default_model()  # the newest shipped model
 STUDY, FOR = "1.2.3.4", "1.2.3.5"
 
 
@@ -137,7 +138,7 @@ def test_operator_model_needs_an_explicit_sha256_or_the_allow_list(tmp_path, mon
     # elsewhere and unpinned: loads, with a warning naming its sha256 (once)
     monkeypatch.delenv(M.ENV_MODEL_ALLOW)
     free = H.copy_model(tmp_path / "mine" / "my-model.onnx")
-    with caplog.at_level(logging.WARNING, logger="vne.model"):
+    with caplog.at_level(logging.WARNING, logger="vne.runtime.model"):
         M.load_model(free)
         M.load_model(free)
     assert sum("not pinned" in r.getMessage() and digest in r.getMessage() for r in caplog.records) == 1
@@ -258,7 +259,7 @@ def test_symlinked_default_cache_folder_is_refused(tmp_path, monkeypatch, cache_
     root = default_cache_dir()
     assert root.parent == tmp_path
     root.symlink_to(shared)
-    with caplog.at_level(logging.WARNING, logger="vne.study_cache"):
+    with caplog.at_level(logging.WARNING, logger="vne.runtime.study_store"):
         c = StudyCache(default_cache_dir())
         assert c.put(cache_images, study_uid=STUDY, frame_of_reference_uid=FOR, origin="x") == 0
         assert c.get(study_uid=STUDY, frame_of_reference_uid=FOR) == []
@@ -276,7 +277,7 @@ def test_world_writable_cache_folder_is_refused_and_a_new_one_is_private(tmp_pat
     assert c.put(cache_images, study_uid=STUDY, frame_of_reference_uid=FOR, origin="x") == 3
     assert (root.stat().st_mode & 0o777) == 0o700
     root.chmod(0o777)
-    with caplog.at_level(logging.WARNING, logger="vne.study_cache"):
+    with caplog.at_level(logging.WARNING, logger="vne.runtime.study_store"):
         assert StudyCache(root).get(study_uid=STUDY, frame_of_reference_uid=FOR) == []
     assert any("refused" in r.getMessage() and "writable by others" in r.getMessage() for r in caplog.records)
     if hasattr(os, "geteuid") and os.geteuid() == 0:  # root can hand the folder to someone else
@@ -294,7 +295,7 @@ def test_corrupted_same_size_entry_is_detected_deleted_and_logged(tmp_path, cach
     mid = len(data) // 2
     data[mid:mid + 8] = bytes(b ^ 0x5A for b in data[mid:mid + 8])
     npz.write_bytes(bytes(data))
-    with caplog.at_level(logging.WARNING, logger="vne.study_cache"):
+    with caplog.at_level(logging.WARNING, logger="vne.runtime.study_store"):
         got = c.get(study_uid=STUDY, frame_of_reference_uid=FOR)
     assert 0 < len(got) < len(cache_images)
     assert not npz.exists() and not npz.with_suffix(".json").exists()
@@ -312,7 +313,7 @@ def test_record_pointing_outside_the_root_is_refused(tmp_path, cache_images, cap
     rec = json.loads(js.read_text())
     rec.update(npz="../../secret.npz", npz_bytes=outside.stat().st_size, npz_sha256=sha256(outside))
     js.write_text(json.dumps(rec))
-    with caplog.at_level(logging.WARNING, logger="vne.study_cache"):
+    with caplog.at_level(logging.WARNING, logger="vne.runtime.study_store"):
         got = c.get(study_uid=STUDY, frame_of_reference_uid=FOR)
     assert len(got) < len(cache_images) and outside.exists() and not js.exists()
     assert any("outside the cache root" in r.getMessage() for r in caplog.records)
@@ -327,7 +328,7 @@ def test_unreadable_entry_with_a_matching_hash_is_caught(tmp_path, cache_images,
     rec = json.loads(js.read_text())
     rec.update(npz_bytes=npz.stat().st_size, npz_sha256=sha256(npz))
     js.write_text(json.dumps(rec))
-    with caplog.at_level(logging.WARNING, logger="vne.study_cache"):
+    with caplog.at_level(logging.WARNING, logger="vne.runtime.study_store"):
         got = c.get(study_uid=STUDY, frame_of_reference_uid=FOR)
     assert 0 < len(got) < len(cache_images) and not js.exists()
     assert any("is unreadable" in r.getMessage() for r in caplog.records)
@@ -335,7 +336,7 @@ def test_unreadable_entry_with_a_matching_hash_is_caught(tmp_path, cache_images,
 
 def test_cache_smaller_than_one_entry_logs_a_warning(tmp_path, cache_images, caplog):
     cine = [im for im in cache_images if im.role == Role.CINE]
-    with caplog.at_level(logging.WARNING, logger="vne.study_cache"):
+    with caplog.at_level(logging.WARNING, logger="vne.runtime.study_store"):
         StudyCache(tmp_path, max_mb=0.001).put(cine, study_uid=STUDY, frame_of_reference_uid=FOR, origin="x")
     warn = [r for r in caplog.records if "more than cache_max_mb" in r.getMessage()]
     assert len(warn) == 1 and warn[0].levelno == logging.WARNING

@@ -1,5 +1,5 @@
-"""The heart window (vne.roi), the cached resampling operators (vne.resampling) and the windowed
-per-slice path (vne.inference): the model looks at a window, everything else stays as on the
+"""The heart window (vne.prepare.roi), the cached resampling operators (vne.exam.resampling) and the windowed
+per-slice path (vne.runtime.inference): the model looks at a window, everything else stays as on the
 full T1 grid.
 
 The windowed path computes the cine, the IR signs and the guard's measures on a window only; on
@@ -13,15 +13,16 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from vne import inference, roi
-from vne.contract import ModelContract, model_inputs
-from vne.exam import Geometry, Role
-from vne.geometry import resample_to_grid
-from vne.qc import check_inputs
-from vne.resampling import cache_info, grid_map
+from vne.runtime import inference
+from vne.prepare import roi
+from vne.prepare.contract import ModelContract, model_inputs
+from vne.exam.data import Geometry, Role
+from vne.exam.geometry import resample_to_grid
+from vne.runtime.qc import check_inputs
+from vne.exam.resampling import cache_info, grid_map
 from vne.simulate.case import simulate_case
 from vne.simulate.writers import as_delivered
-from vne.slices import assemble, on_t1_grid
+from vne.prepare.slices import assemble, on_t1_grid
 
 CONTRACT = ModelContract()
 
@@ -137,7 +138,7 @@ def test_no_lv_runs_the_model_on_the_whole_grid():
 def test_the_window_follows_the_moving_heart_when_the_lv_finder_is_wrong(monkeypatch):
     """On 1 of 91 held-out simulator slices the LV finder settled on another blood pool ringed by
     myocardium-like T1; the window must still hold the myocardium, because the heart moves."""
-    import vne.qc as qc
+    import vne.runtime.qc as qc
 
     case = simulate_case(4, 0)
     s = _slices(4, 0)[0]

@@ -1,4 +1,4 @@
-"""The VNE worker pool (vne.workers) and the pipeline's scheduling: a slice runs as soon as its
+"""The VNE worker pool (vne.runtime.workers) and the pipeline's scheduling: a slice runs as soon as its
 inputs are complete, the stream never waits for VNE, and an overloaded pool skips VNE with a
 logged reason while every image still passes through unchanged. No timing assertions: the
 blocked-worker cases use events, not clocks.
@@ -11,9 +11,9 @@ import ismrmrd
 import pytest
 
 import vne_helpers as H
-from vne.model import load_model
-from vne.pipeline import PipelineConfig, VNEPipeline
-from vne.workers import LockedSender, SliceWorkers
+from vne.runtime.model import load_model
+from vne.runtime.pipeline import PipelineConfig, VNEPipeline
+from vne.runtime.workers import LockedSender, SliceWorkers
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,7 @@ def test_a_model_that_fails_to_load_in_the_background_still_passes_everything(st
 
 
 def test_a_reader_that_falls_behind_abandons_vne_and_passes_everything(stream, model, monkeypatch):
-    import vne.pipeline as P
+    import vne.runtime.pipeline as P
 
     header, images = stream
     monkeypatch.setattr(P, "INBOX_MAX_ITEMS", 3)

@@ -14,6 +14,7 @@ module asks first:
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 from html import escape
@@ -30,6 +31,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 _TMP = Path(tempfile.mkdtemp(prefix="vne-test-"))
+# the shared simulated exam and models live for the test process only (about 40 MB)
+atexit.register(shutil.rmtree, _TMP, ignore_errors=True)
 
 
 @functools.lru_cache(maxsize=None)
@@ -52,7 +55,7 @@ def sim_dicom() -> Path:
 @functools.lru_cache(maxsize=None)
 def sim_stream() -> tuple[str, list]:
     """(header XML, images in scanner order) of the simulated case."""
-    from vne.mrd_io import read_mrd_file
+    from vne.io.mrd import read_mrd_file
 
     return read_mrd_file(sim_h5())
 
@@ -109,7 +112,7 @@ def set_contract(path: Path, contract_json: str | None) -> None:
 @functools.lru_cache(maxsize=None)
 def tiny_model(n_ir_images: int = 7, name: str = "vne-sim-test", version: str = "0.0.1") -> Path:
     """A tiny random VNE model (ONNX) with its contract; cached per (n_ir_images, name, version)."""
-    from vne.contract import ModelContract
+    from vne.prepare.contract import ModelContract
 
     torch_seed = 0
     import torch
@@ -204,14 +207,14 @@ def play_gadgetron(sock: socket.socket, header_xml: str, images: list, config_xm
     the images instead of sending CLOSE (a stream that drops mid-study). An item given as
     ``bytes`` is sent as a raw IMAGE message body (how a C++ peer sends a 4-byte int32
     image, which ``ismrmrd`` for Python cannot represent); ``int32_safe`` reads the replies
-    with :func:`vne.pipeline.read_image_safely` (such images come back as ``RawImage``).
+    with :func:`vne.runtime.pipeline.read_image_safely` (such images come back as ``RawImage``).
 
     Returns:
         every image received, in order.
     """
     from ismrmrd.serialization import ConfigText, ProtocolDeserializer, ProtocolSerializer
 
-    from vne.mrd_io import parse_header
+    from vne.io.mrd import parse_header
 
     sock.settimeout(timeout)
     errors: list[BaseException] = []
@@ -259,7 +262,7 @@ def play_gadgetron(sock: socket.socket, header_xml: str, images: list, config_xm
 def _read_int32_safe(reader):
     import struct
 
-    from vne.pipeline import read_image_safely
+    from vne.runtime.pipeline import read_image_safely
 
     while True:
         mid = reader.read(2)
@@ -298,9 +301,9 @@ def geometry_fields(img) -> tuple:
 
 @contextlib.contextmanager
 def mrd_server_thread(defaults, model, options):
-    """``vne.mrd_server.serve`` on 127.0.0.1 (ephemeral port) in a thread; yields the port and
+    """``vne.runtime.mrd_server.serve`` on 127.0.0.1 (ephemeral port) in a thread; yields the port and
     stops the server (waiting for its connections) on exit."""
-    from vne import mrd_server
+    from vne.runtime import mrd_server
     from vne.commands.serve import bind
 
     srv = bind("127.0.0.1", 0)

@@ -1,4 +1,4 @@
-"""A torch Dataset over the training cache (:mod:`vne.training_cache`): patient-level splits,
+"""A torch Dataset over the training cache (:mod:`vne.io.training_data`): patient-level splits,
 consistent spatial augmentation of every input, and the normalised LGE target.
 
 Target normalisation (the contract's output units: remote myocardium ~0, LV blood pool ~1),
@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from vne.training_cache import MASK_KEYS, read_index, read_slice
+from vne.io.training_data import MASK_KEYS, read_index, read_slice
+from vne.prepare.contract import normalise_psir
 
 SPLITS = ("train", "val", "test")
 TARGET_KEYS = ("lge", "lge_clean")
@@ -75,7 +76,7 @@ def split_patients(patient_ids: Iterable[str], fractions: Sequence[float] = (0.8
 
 def usable_entries(entries: list[dict], skip_qc_failures: bool = True) -> tuple[list[dict], list[dict]]:
     """(kept, left out): with ``skip_qc_failures``, entries the runtime quality guard would
-    refuse (``qc_passed`` false, written by the cache writers with :func:`vne.qc.check_inputs`)
+    refuse (``qc_passed`` false, written by the cache writers with :func:`vne.runtime.qc.check_inputs`)
     are left out, so training and serving share one set of input thresholds. Entries without
     the field (older caches, real DICOM) are kept."""
     if not skip_qc_failures:
@@ -110,7 +111,7 @@ def data_summary(cache_dir: Path, index: dict, splits: dict[str, list[dict]], ta
 
 
 def trained_ranges(cache_dir: Path, entries: list[dict]) -> dict:
-    """What the training slices span, for the model contract and the runtime guard (vne.qc):
+    """What the training slices span, for the model contract and the runtime guard (vne.runtime.qc):
     field strengths (T), the TI range (ms) and the heart-rate range (bpm, where recorded)."""
     fields_t = sorted({float(e["field_strength_t"]) for e in entries if e.get("field_strength_t") not in (None, "unknown")})
     ti_lo, ti_hi = np.inf, -np.inf
@@ -159,7 +160,7 @@ def normalise_target(
         r = float(lge[remote.astype(bool)].mean())
         b = float(lge[blood_pool.astype(bool)].mean())
         if b - r > min_contrast * spread:
-            return (lge - r) / (b - r), "masks"
+            return normalise_psir(lge, remote.astype(bool), blood_pool.astype(bool)), "masks"
     lo, hi = np.percentile(lge, percentiles)
     return (lge - lo) / max(float(hi - lo), 1e-6 * spread, 1e-6), "percentiles"
 

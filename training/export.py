@@ -2,10 +2,10 @@
 
 ``export(checkpoint, out_path)`` writes one self-contained ``.onnx`` file:
 
-* graph inputs ``cine, ir, ir_ti_ms, t1_map_ms`` and output ``vne`` as in :mod:`vne.contract`,
+* graph inputs ``cine, ir, ir_ti_ms, t1_map_ms`` and output ``vne`` as in :mod:`vne.prepare.contract`,
   float32, with a dynamic batch and dynamic H, W (multiples of the model's pad multiple);
 * opset 18, the input normalisation from physical units inside the graph;
-* ``metadata_props``: ``vne_contract`` = :meth:`vne.contract.ModelContract.to_json` (model name
+* ``metadata_props``: ``vne_contract`` = :meth:`vne.prepare.contract.ModelContract.to_json` (model name
   and version, training-data summary from the checkpoint) and ``vne_producer`` (JSON: versions
   of vne / torch / onnx, exporter, checkpoint, step, time);
 * then a parity check: torch and ONNX Runtime on the same realistic synthetic slice
@@ -33,8 +33,9 @@ import numpy as np
 import torch
 
 from vne import __version__ as vne_version
-from vne.contract import CONTRACT_KEY, INPUT_NAMES, OUTPUT_NAME, SHMOLLI_NOMINAL_TI_MS, ModelContract
+from vne.prepare.contract import CONTRACT_KEY, INPUT_NAMES, OUTPUT_NAME, SHMOLLI_NOMINAL_TI_MS, ModelContract
 
+from .checkpoint import load_checkpoint
 from .networks import VNEGenerator, generator_from_checkpoint
 
 OPSET = 18
@@ -180,7 +181,7 @@ def export(checkpoint: str | Path, out_path: str | Path, fp16: bool = False, *, 
     import onnx
 
     checkpoint, out_path = Path(checkpoint), Path(out_path)
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    state = load_checkpoint(checkpoint)
     generator = generator_from_checkpoint(state)
     contract = _contract(state, generator, model_name, model_version)
     body = VNEGenerator(generator.config).eval()

@@ -9,8 +9,9 @@ Generator objective (weights from the config's ``loss`` section)::
   ``1 + heart_weight`` when the slice has masks, 1 elsewhere.
 * ``∇L1_w`` is the same weighted L1 on the images' finite differences along x and y. L1 alone
   lets a blurred blood/myocardium border cost little; a border one pixel too wide reads as
-  lesion at the FWHM threshold (50 % of the remote-to-blood range), which is what made the
-  lesion-free external exams of vne-sim-0.3.0 read 2.3–2.8 %.
+  lesion at the FWHM threshold (50 % of the remote-to-blood range). Added for vne-sim-0.4.0; it
+  did not remove the border excess on the lesion-free external exams (0.3.0: 2.3–2.8 %, 0.4.0:
+  2.5–3.0 %; models/README.md).
 * ``perceptual`` (config ``loss.perceptual``):
     - ``"fm"`` (default): discriminator feature matching (pix2pixHD): L1 between the
       discriminator's intermediate features of (condition, VNE) and (condition, LGE). It needs
@@ -32,6 +33,8 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from vne.evaluation.stats import SSIM_SIGMA_PX, ssim_constants, ssim_map
 
 ADVERSARIAL_MODES = ("lsgan", "hinge")
 PERCEPTUAL_MODES = ("fm", "vgg", "none")
@@ -140,9 +143,10 @@ def _gaussian_window(size: int, sigma: float, device, dtype) -> torch.Tensor:
     return (g[:, None] * g[None, :])[None, None]
 
 
-def ssim(pred: torch.Tensor, target: torch.Tensor, data_range: float = 2.0, window: int = 11, sigma: float = 1.5,
+def ssim(pred: torch.Tensor, target: torch.Tensor, data_range: float = 2.0, window: int = 11, sigma: float = SSIM_SIGMA_PX,
          reduce: bool = True) -> torch.Tensor:
-    """Structural similarity (Wang et al. 2004), Gaussian window, valid region only.
+    """Structural similarity (Wang et al. 2004), Gaussian window, valid region only: the formula
+    and constants of :func:`vne.evaluation.stats.ssim_map`, with the training convention there.
 
     Args:
         pred, target: (B, 1, H, W), H, W ≥ ``window``.
@@ -152,12 +156,12 @@ def ssim(pred: torch.Tensor, target: torch.Tensor, data_range: float = 2.0, wind
     """
     pred, target = pred.float(), target.float()
     w = _gaussian_window(window, sigma, pred.device, pred.dtype)
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    c1, c2 = ssim_constants(data_range)
     mu_x, mu_y = F.conv2d(pred, w), F.conv2d(target, w)
     sxx = F.conv2d(pred * pred, w) - mu_x**2
     syy = F.conv2d(target * target, w) - mu_y**2
     sxy = F.conv2d(pred * target, w) - mu_x * mu_y
-    s = ((2 * mu_x * mu_y + c1) * (2 * sxy + c2)) / ((mu_x**2 + mu_y**2 + c1) * (sxx + syy + c2))
+    s = ssim_map(mu_x, mu_y, sxx, syy, sxy, c1, c2)
     return s.mean() if reduce else s.flatten(1).mean(1)
 
 
@@ -276,6 +280,7 @@ class GeneratorObjective(nn.Module):
                 terms["perc"] = feature_matching_loss(d_fake, d_real)
         if self.perceptual == "vgg":
             terms["perc"] = vgg_loss(self.vgg, fake, target)
-        weights = {"l1": c.get("w_l1", 10.0), "grad": c.get("w_grad", 0.0), "ssim": c.get("w_ssim", 1.0), "adv": c.get("w_adv", 1.0), "perc": c.get("w_perc", 10.0)}
+        weights = {"l1": c.get("w_l1", 10.0), "grad": c.get("w_grad", 0.0), "ssim": c.get("w_ssim", 1.0),
+                   "adv": c.get("w_adv", 1.0), "perc": c.get("w_perc", 10.0)}
         total = sum(weights[k] * v for k, v in terms.items())
         return total, {f"g_{k}": float(v.detach()) for k, v in terms.items()}

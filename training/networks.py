@@ -35,11 +35,13 @@ them.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from vne.prepare.contract import N_CINE_FRAMES, N_IR_IMAGES
 
 # T1 normalisation: (T1 - T1_CENTRE_MS) / T1_SCALE_MS, clipped. Native myocardium (960-1170 ms)
 # maps near 0, blood (1550-2000 ms) to 1.1-2; the clip keeps air and fit failures bounded.
@@ -62,7 +64,7 @@ def robust_scale(x: torch.Tensor, eps: float = SCALE_EPS, stride: int = 2) -> to
 
     This is the |x|-weighted mean of |x| over all channels and pixels of a sample, so
 
-    * zero pixels do not change it: the zero padding of :func:`vne.contract.pad_to_multiple`
+    * zero pixels do not change it: the zero padding of :func:`vne.prepare.contract.pad_to_multiple`
       and dark air contribute nothing, and a heart-centred crop and the full field of view
       give similar scales (a plain mean |x| would scale with the fraction of background);
     * one scale per stack keeps the relative intensities between cine frames, and between IR
@@ -240,8 +242,8 @@ class UNetStream(nn.Module):
 class GeneratorConfig:
     """Hyper-parameters of :class:`VNEGenerator` (stored in checkpoints as a dict)."""
 
-    n_cine_frames: int = 25
-    n_ir_images: int = 7
+    n_cine_frames: int = N_CINE_FRAMES
+    n_ir_images: int = N_IR_IMAGES
     base_channels: int = 16      # channels of each stream's first level (doubling per pooling)
     depth: int = 3               # poolings per stream after the first downsampling (pad multiple 2**(depth+1))
     norm: str = "batch"          # normalisation inside the streams and fusion block (see NORMS; why batch: make_norm)
@@ -299,7 +301,7 @@ class VNEGenerator(nn.Module):
     def forward(
         self, cine: torch.Tensor, ir: torch.Tensor, ir_ti_ms: torch.Tensor, t1_map_ms: torch.Tensor
     ) -> torch.Tensor:
-        """Args (float32, physical units, see :mod:`vne.contract`):
+        """Args (float32, physical units, see :mod:`vne.prepare.contract`):
             cine (B, n_cine_frames, H, W) raw magnitude; ir (B, n_ir_images, H, W) signed IR;
             ir_ti_ms (B, n_ir_images) in ms; t1_map_ms (B, 1, H, W) in ms.
 
@@ -366,7 +368,7 @@ class PatchDiscriminator(nn.Module):
 class DiscriminatorConfig:
     """Hyper-parameters of :class:`VNEDiscriminator`."""
 
-    n_ir_images: int = 7
+    n_ir_images: int = N_IR_IMAGES
     base_channels: int = 32
     n_layers: int = 3
     num_scales: int = 1          # >1: multi-scale (pix2pixHD), each scale on a 2× average-pooled input
@@ -458,7 +460,3 @@ def generator_from_checkpoint(state: dict) -> VNEGenerator:
     g = VNEGenerator(GeneratorConfig.from_dict(state["config"].get("model")))
     g.load_state_dict(state["generator"])
     return g.eval()
-
-
-def config_dict(cfg: GeneratorConfig | DiscriminatorConfig) -> dict:
-    return asdict(cfg)

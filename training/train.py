@@ -43,11 +43,13 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from tqdm import tqdm
 
 from vne import __version__ as vne_version
-from vne.exam import InputError
-from vne.training_cache import read_index
+from vne.errors import InputError
+from vne.io.atomic import atomic_path
+from vne.io.training_data import read_index
 
 from . import CONFIG_DIR
 from .augment import augment_batch
+from .checkpoint import load_checkpoint
 from .dataset import VNEDataset, data_summary, split_entries, usable_entries
 from .losses import GeneratorObjective, d_loss, heart_weight_map, ssim, weighted_l1
 from .networks import (
@@ -61,19 +63,19 @@ from .networks import (
 log = logging.getLogger("vne.train")
 
 DEFAULT_CONFIG: dict = {
-    "name": "vne",
+    "name": "default",
     "model_name": "vne",
     "model_version": "0.1.0",
     "seed": 0,
     "cache": "data-cache/sim",
-    "out": "runs/vne",
+    "out": "runs/default",
     "device": "auto",            # auto | cpu | cuda
     "threads": None,             # torch CPU threads; None: cores / local processes
     "amp": True,                 # mixed precision on CUDA
     "progress": True,            # tqdm bar on rank 0
     "init_from": None,           # checkpoint whose weights start a new run (fine-tuning)
-    "model": {},                 # training.networks.GeneratorConfig fields
-    "discriminator": {},         # training.networks.DiscriminatorConfig fields
+    "model": {},                 # training.networks.GeneratorConfig fields (its defaults: the shipped architecture)
+    "discriminator": {"num_scales": 2},  # training.networks.DiscriminatorConfig fields
     "data": {
         "crop": 128,             # training crop (multiple of 16); null: the whole cached window
         "batch_size": 8,         # per process
@@ -81,10 +83,10 @@ DEFAULT_CONFIG: dict = {
         "split_seed": 0,
         "target": "lge_clean",   # lge (as acquired, artefacts) | lge_clean (simulator truth)
         "percentiles": [50, 90], # no-mask target normalisation (training.dataset)
-        "num_workers": 0,
+        "num_workers": 1,
         "in_memory": False,      # keep decoded slices in RAM (small caches; with num_workers 0)
         "skip_qc_failures": True,  # leave out slices the runtime guard would refuse (entry qc_passed false)
-        "val_max_slices": 16,    # validation on the first N val slices, whole window
+        "val_max_slices": 32,    # validation on the first N val slices, whole window
         "val_batch_size": 4,
     },
     "augment": {},               # training.augment.DEFAULT_AUGMENT overrides ({"enabled": false}: none)
@@ -99,7 +101,7 @@ DEFAULT_CONFIG: dict = {
         "vgg_weights": None,     # torchvision VGG16 state dict, for perceptual = vgg
         "heart_weight": 4.0,     # extra L1 weight inside the heart masks
         "ssim_data_range": 2.0,
-        "gan_start_step": 0,     # adversarial and feature-matching terms from this step
+        "gan_start_step": 1000,  # adversarial and feature-matching terms from this step
     },
     "optim": {
         "lr_g": 2e-4,
@@ -111,8 +113,8 @@ DEFAULT_CONFIG: dict = {
         "max_steps": 20000,
         "max_minutes": None,     # stop (with a checkpoint) after this wall time
         "log_every": 50,
-        "val_every": 1000,
-        "ckpt_every": 500,
+        "val_every": 500,
+        "ckpt_every": 250,
         "panels": 4,             # validation slices drawn per panel figure
         "best_metric": "val_l1",
     },
@@ -125,6 +127,21 @@ VAL_COLUMNS = ["step", "val_l1", "val_l1_heart", "val_ssim", "val_crop_gap"]
 # --------------------------------------------------------------------------------------------
 # Config
 # --------------------------------------------------------------------------------------------
+FREE_SECTIONS = ("model", "discriminator", "augment")  # checked by GeneratorConfig / DiscriminatorConfig / augment
+
+
+def unknown_keys(config: dict, reference: dict = DEFAULT_CONFIG, prefix: str = "") -> list[str]:
+    """Dotted keys of ``config`` that :data:`DEFAULT_CONFIG` does not have (typos), outside the
+    free sections that their own classes check."""
+    out = []
+    for k, v in config.items():
+        if k not in reference:
+            out.append(prefix + k)
+        elif isinstance(v, dict) and isinstance(reference[k], dict) and not (not prefix and k in FREE_SECTIONS):
+            out += unknown_keys(v, reference[k], f"{prefix}{k}.")
+    return out
+
+
 def merge(base: dict, override: dict) -> dict:
     """Recursive dict merge; ``override`` wins."""
     out = copy.deepcopy(base)
@@ -145,6 +162,9 @@ def load_config(path: str | Path) -> dict:
         user = json.loads(p.read_text())
     except json.JSONDecodeError as exc:
         raise InputError(f"config {p} is not valid JSON: {exc}") from None
+    bad = unknown_keys(user)
+    if bad:
+        raise InputError(f"config {p}: unknown key(s) {', '.join(bad)}")
     return merge(DEFAULT_CONFIG, user)
 
 
@@ -237,9 +257,8 @@ def _set_rng_state(state: dict) -> None:
 
 
 def _atomic_save(obj: dict, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _append_csv(path: Path, columns: list[str], row: dict) -> None:
@@ -427,6 +446,9 @@ def train(config: dict, resume: bool = False) -> dict:
     Returns:
         the run summary: {"status": "done" | "time_budget", "step", "best", "run_dir", ...}.
     """
+    bad = unknown_keys(config)
+    if bad:
+        raise InputError(f"config: unknown key(s) {', '.join(bad)}")
     cfg = merge(DEFAULT_CONFIG, config)
     rt = Runtime(cfg)
     t_start = time.time()
@@ -477,8 +499,8 @@ def train(config: dict, resume: bool = False) -> dict:
 
     step, best = 0, {"metric": scfg["best_metric"], "value": None, "step": None}
     if resume and latest.is_file():
-        state = torch.load(latest, map_location=rt.device, weights_only=False)
-        if state["config"].get("model") != cfg["model"]:
+        state = load_checkpoint(latest, map_location=rt.device)
+        if GeneratorConfig.from_dict(state["config"].get("model")) != GeneratorConfig.from_dict(cfg["model"]):
             log.warning("resuming with a different model section than the checkpoint's; weights may not load")
         generator.load_state_dict(state["generator"])
         discriminator.load_state_dict(state["discriminator"])
@@ -497,7 +519,7 @@ def train(config: dict, resume: bool = False) -> dict:
         if resume and rt.main:
             log.info("no checkpoint in %s, starting a new run", run_dir)
         if cfg.get("init_from"):
-            init = torch.load(cfg["init_from"], map_location=rt.device, weights_only=False)
+            init = load_checkpoint(cfg["init_from"], map_location=rt.device, require=("generator", "discriminator"))
             generator.load_state_dict(init["generator"])
             discriminator.load_state_dict(init["discriminator"])
             if rt.main:
@@ -523,7 +545,7 @@ def train(config: dict, resume: bool = False) -> dict:
             "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
             "sched_g": sched_g.state_dict(), "sched_d": sched_d.state_dict(), "scaler": scaler.state_dict(),
             "step": step, "best": best, "config": cfg, "rng": _rng_state(), "data_summary": summary_data,
-            "versions": {"vne": vne_version, "torch": torch.__version__},
+            "versions": {"vne": vne_version, "torch": str(torch.__version__)},
         }, path)
 
     def run_validation() -> None:
@@ -641,19 +663,3 @@ def train(config: dict, resume: bool = False) -> dict:
     if rt.world > 1 and dist.is_initialized():
         dist.destroy_process_group()
     return summary
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m training.train --config FILE [--resume]`` (same as ``vne train``)."""
-    from vne.commands.train import add_arguments, run
-
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m training.train")
-    add_arguments(p)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return run(p.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

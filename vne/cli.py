@@ -1,7 +1,7 @@
 """``vne`` command line: argument parsing only; every subcommand lives in ``vne/commands/``.
 
 Each command module defines ``NAME``, ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``.
-User errors (:class:`vne.exam.InputError`, missing files) are printed as one line, exit code 2.
+User errors (:class:`vne.errors.InputError`, missing files) are printed as one line, exit code 2.
 """
 from __future__ import annotations
 
@@ -11,9 +11,17 @@ import logging
 import sys
 
 from . import __version__
-from .exam import InputError
+from .errors import InputError
 
 COMMANDS = ("simulate", "t1map", "prepare", "infer", "serve", "stream", "train", "export", "evaluate", "demo")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's promise: a bad argument is one line ``vne CMD: error: ...``, exit 2
+    (argparse's own would print the usage first). Subcommand parsers are of this class too."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _load(name: str):
@@ -21,7 +29,7 @@ def _load(name: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vne", description="Virtual native enhancement (virtual LGE) for cardiac MR.")
+    parser = _Parser(prog="vne", description="Virtual native enhancement (virtual LGE) for cardiac MR.")
     parser.add_argument("--version", action="version", version=f"vne {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -62,7 +62,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .exam import InputError
+from .errors import InputError
 
 # Samples with TI above this are never sign-flipped (tomato: 0.67 * 4000 ms).
 MAX_TI_FOR_SIGN_FLIP_MS = 2680.0

@@ -193,7 +193,7 @@ def _import_vne():
         sys.path.insert(0, str(REPO))
     import vne
     from gadgets import vne_mrd
-    from vne import pipeline
+    from vne.runtime import pipeline
 
     return vne, pipeline, vne_mrd
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..exam import InputError
+from ..errors import InputError
 
 NAME = "demo"
 HELP = "run the shipped VNE model on a built-in simulated sample exam"
@@ -30,9 +30,10 @@ def _figure(case, results, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..evaluate import heart_mask, normalise
-    from ..exam import Role
-    from ..slices import build_slices, on_t1_grid
+    from ..evaluation.analysis import heart_mask
+    from ..prepare.contract import normalise_psir
+    from ..exam.data import Role
+    from ..prepare.slices import build_slices, on_t1_grid
 
     slices, _ = build_slices(case.images, need_lge=True)
     lge_by_pos = {tuple(np.round(s.t1_map.geometry.position_mm, 2)): on_t1_grid(s).lge for s in slices}
@@ -43,8 +44,8 @@ def _figure(case, results, path: Path) -> Path:
         truth = case.truth[t1_pos.index(pos)]
         ii, jj = np.nonzero(heart_mask(truth.myocardium, 14))
         win = (slice(ii.min(), ii.max() + 1), slice(jj.min(), jj.max() + 1))
-        lge = normalise(lge_by_pos[pos], truth.lge_remote, truth.lge_blood_pool)
-        vne = normalise(r.vne, truth.remote, truth.blood_pool)
+        lge = normalise_psir(lge_by_pos[pos], truth.lge_remote, truth.lge_blood_pool)
+        vne = normalise_psir(r.vne, truth.remote, truth.blood_pool)
         axes[row, 0].imshow(np.asarray(r.t1.pixels)[win], cmap="viridis", vmin=600, vmax=2000 if case.field_t < 2 else 2300)
         axes[row, 1].imshow(vne[win], cmap="gray", vmin=-0.4, vmax=1.6)
         axes[row, 2].imshow(lge[win], cmap="gray", vmin=-0.4, vmax=1.6)
@@ -64,15 +65,17 @@ def _figure(case, results, path: Path) -> Path:
 
 
 def run(args) -> int:
-    from .. import mrd_io
-    from ..model import find_default_model
-    from ..pipeline import PipelineConfig, VNEPipeline
+    from ..io import mrd as mrd_io
+    from ..runtime.model import find_default_model
+    from ..runtime.pipeline import PipelineConfig, VNEPipeline
     from ..simulate.case import simulate_case
     from ..simulate.writers import case_to_mrd
 
     model = args.model or find_default_model()
     if model is None:
         raise InputError("no shipped model found (models/vne-sim-*.onnx); pass --model")
+    if not Path(model).is_file():  # before the 8 s of simulation
+        raise InputError(f"--model {model} does not exist")
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     case = simulate_case(DEMO_SEED, DEMO_CASE)

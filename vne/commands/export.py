@@ -10,6 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..errors import InputError
+
 NAME = "export"
 HELP = "export a training checkpoint to ONNX with the model contract (needs torch: the train extras)"
 MISSING_TORCH = "vne export needs the training extras: pip install -e .[train]"
@@ -28,6 +30,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if not Path(args.checkpoint).is_file():
+        raise InputError(f"checkpoint {args.checkpoint} does not exist")
+    if Path(args.out).suffix.lower() != ".onnx":
+        raise InputError(f"--out {args.out}: expected an .onnx file")
     try:
         import torch  # noqa: F401
         import onnx  # noqa: F401
@@ -36,8 +42,6 @@ def run(args: argparse.Namespace) -> int:
         return 2
     from training.export import export
 
-    if not Path(args.checkpoint).is_file():
-        raise FileNotFoundError(f"checkpoint {args.checkpoint} not found")
     diff = export(args.checkpoint, args.out, fp16=args.fp16, exporter=args.exporter,
                   model_name=args.name, model_version=args.model_version)
     limit = PARITY_LIMIT_FP16 if args.fp16 else PARITY_LIMIT

@@ -1,28 +1,27 @@
 """``vne infer``: VNE offline, through the same pipeline the Gadgetron gadget runs.
 
-- ISMRMRD HDF5 in (``.h5``): every image is fed to :class:`vne.pipeline.VNEPipeline` in stream
+- ISMRMRD HDF5 in (``.h5``): every image is fed to :class:`vne.runtime.pipeline.VNEPipeline` in stream
   order, exactly as the gadget would receive it; the output file holds everything the gadget
   would send back: every input image unchanged plus the VNE series
   (``/dataset/image_<series index>``). ``--group`` names the input's HDF5 group when it is not
-  ``/dataset`` and not the only one (:func:`vne.mrd_io.read_mrd_file`).
-- DICOM folder in: the exams are read with :func:`vne.dicom_io.read_dicom_folder` and fed to
+  ``/dataset`` and not the only one (:func:`vne.io.mrd.read_mrd_file`).
+- DICOM folder in: the exams are read with :func:`vne.io.dicom.read_dicom_folder` and fed to
   the same pipeline; the output folder gets one new DICOM series per VNE series (new
   SeriesInstanceUID, ImageType ``DERIVED\\PRIMARY\\VNE``, the same study and frame of
   reference, the T1 map's geometry, SeriesNumber = T1 map's + 1000). The inputs are not copied.
 
-The model defaults to the newest ``models/vne-sim-*.onnx`` (:func:`vne.model.find_default_model`).
+The model defaults to the newest ``models/vne-sim-*.onnx`` (:func:`vne.runtime.model.find_default_model`).
 The study cache is off unless ``--cache-dir`` is given (a file holds the whole study).
 """
 from __future__ import annotations
 
-import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from ..exam import InputError
+from ..errors import InputError
+from ..io.atomic import move_into
 
 NAME = "infer"
 HELP = "run VNE on an ISMRMRD file (.h5 -> .h5 with the VNE series) or a DICOM folder (-> VNE DICOM series)"
@@ -32,7 +31,9 @@ H5_SUFFIXES = (".h5", ".hdf5", ".mrd")
 def add_arguments(p) -> None:
     p.add_argument("input", type=Path, help="ISMRMRD HDF5 file or DICOM folder")
     p.add_argument("--out", type=Path, required=True, help="output .h5 file (for .h5 input) or folder (for DICOM input)")
-    p.add_argument("--group", default=None, metavar="NAME", help="HDF5 group of an ISMRMRD input file (default: /dataset, else the only top-level group; an MRD client output file names it after a timestamp)")
+    p.add_argument("--group", default=None, metavar="NAME",
+                   help="HDF5 group of an ISMRMRD input file (default: /dataset, else the only top-level group; "
+                        "an MRD client output file names it after a timestamp)")
     p.add_argument("--model", type=str, default=None, help="ONNX model (default: newest models/vne-sim-*.onnx, checked "
                                                            "against models/manifest.json)")
     p.add_argument("--model-sha256", default=None, metavar="HEX",
@@ -55,7 +56,7 @@ def parse_properties(items: list[str]) -> dict[str, str]:
 
 
 def config_from_args(args):
-    from ..pipeline import PipelineConfig
+    from ..runtime.pipeline import PipelineConfig
 
     base = PipelineConfig(model=args.model, model_sha256=getattr(args, "model_sha256", None) or None,
                           cache_dir=args.cache_dir, pixel_type=getattr(args, "pixel_type", "float32"),
@@ -71,7 +72,7 @@ def _summary(problems: list[str]) -> str:
 
 
 def run(args) -> int:
-    from ..model import load_model
+    from ..runtime.model import load_model
 
     t0 = time.perf_counter()
     src: Path = args.input
@@ -89,9 +90,8 @@ def run(args) -> int:
             raise InputError(f"--group is for ISMRMRD .h5 input, and {src} is a folder")
         n_vne, n_in, problems, where = _infer_dicom(src, args.out, config, model)
     dt = time.perf_counter() - t0
-    if n_vne == 0:
-        print(f"vne infer: no VNE image made from {n_in} input images: {_summary(problems)}", file=sys.stderr)
-        return 1
+    if n_vne == 0:  # nothing usable in the input: a user error, as in `vne prepare` and `vne t1map`
+        raise InputError(f"no VNE image made from {n_in} input images: {_summary(problems)}")
     print(f"vne infer: {n_vne} VNE image(s) from {n_in} input images with {model.name} {model.version} -> {where} "
           f"in {dt:.1f} s ({_summary(problems)})")
     return 0
@@ -100,8 +100,8 @@ def run(args) -> int:
 def _infer_h5(src: Path, out: Path, config, model, group: str | None = None):
     import ismrmrd
 
-    from ..mrd_io import read_mrd_file, write_mrd_file
-    from ..pipeline import process_stream
+    from ..io.mrd import read_mrd_file, write_mrd_file
+    from ..runtime.pipeline import process_stream
 
     if out.suffix.lower() not in H5_SUFFIXES:
         raise InputError(f"--out {out}: an ISMRMRD input needs an .h5 output file")
@@ -117,9 +117,9 @@ def _infer_h5(src: Path, out: Path, config, model, group: str | None = None):
 
 
 def _infer_dicom(src: Path, out: Path, config, model):
-    from ..dicom_io import read_dicom_folder, series_folder_name, write_series
-    from ..pipeline import VNEPipeline
-    from ..roles import DEFAULT_RULES
+    from ..io.dicom import read_dicom_folder, series_folder_name, write_series
+    from ..runtime.pipeline import VNEPipeline
+    from ..exam.roles import DEFAULT_RULES
 
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} exists and is not a folder")
@@ -142,7 +142,7 @@ def _infer_dicom(src: Path, out: Path, config, model):
         return 0, n_in, problems, str(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     # one rescale for the whole series (consistent intensities): stored = (vne - intercept) / slope
-    from ..pipeline import DEFAULT_UINT16_OFFSET
+    from ..runtime.pipeline import DEFAULT_UINT16_OFFSET
 
     offset = config.output_offset if config.output_offset is not None else DEFAULT_UINT16_OFFSET
     rescale = (1.0 / config.output_scale, -offset / config.output_scale)
@@ -157,11 +157,7 @@ def _infer_dicom(src: Path, out: Path, config, model):
                          series_uid=r0.series_uid, series_description=r0.description, rescale=rescale)
             folders.append(folder.name)
         out.mkdir(parents=True, exist_ok=True)
-        for name in folders:
-            dest = out / name
-            if dest.exists():
-                shutil.rmtree(dest)
-            os.replace(tmp_root / name, dest)
+        move_into(tmp_root, out)
     finally:
         shutil.rmtree(tmp_root, ignore_errors=True)
     n = sum(len(v) for v in series.values())

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import InputError
+
 NAME = "prepare"
 HELP = "build a training cache from real DICOM exams (paper's matching pipeline, with an inclusion log)"
 
@@ -17,10 +19,14 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..dicom_cache import build_cache_from_dicom
+    from ..prepare.training_from_dicom import build_cache_from_dicom
 
     entries, rows = build_cache_from_dicom(args.dicom_dir, args.out)
     n_ex = sum(r["decision"] == "excluded" for r in rows)
+    if not entries:  # nothing usable in the input: a user error, as in `vne infer` and `vne t1map`
+        reasons = sorted({r["reason"] for r in rows if r["decision"] == "excluded"})
+        raise InputError(f"no slice included from {args.dicom_dir} ({n_ex} excluded"
+                         + (f": {'; '.join(reasons[:3])}" if reasons else ": no T1 map found") + f"); log: {args.out / 'inclusion_log.csv'}")
     print(f"{len(entries)} slices included, {n_ex} excluded; log: {args.out / 'inclusion_log.csv'}")
     for r in rows:
         if r["decision"] == "excluded":

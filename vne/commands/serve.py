@@ -1,20 +1,22 @@
 """``vne serve``: the VNE gadget as a long-running external process (Gadgetron connect mode).
 
 Gadgetron's ``<external><connect port="18000" address="127.0.0.1"/>`` (``pipelines_xml/vne-connect.xml``)
-connects here for every stream. Each connection is a ``gadgetron.external.Connection`` handed
-to :func:`gadgets.vne_gadget.gadget`, exactly as ``gadgetron.external.listen`` does for one
-connection; this server keeps accepting (one thread per connection) and keeps the model loaded
-and warm between them (one ONNX Runtime session per process, :func:`vne.model.load_model`).
+connects here for every stream. Each connection is read by :class:`vne.runtime.gadgetron_link.GadgetronLink`
+(CONFIG and HEADER, then every data message framed by :mod:`vne.io.framing` and passed on by its
+exact bytes before anything is decoded) and handed to :func:`gadgets.vne_gadget.gadget`, the
+same function Gadgetron runs in execute mode; this server keeps accepting (one thread per
+connection) and keeps the model loaded and warm between them (one ONNX Runtime session per
+process, :func:`vne.runtime.model.load_model`).
 
 With ``--protocol mrd`` the same process serves the MRD streaming protocol instead
-(python-ismrmrd-server, Siemens FIRE / OpenRecon clients; :mod:`vne.mrd_server`,
+(python-ismrmrd-server, Siemens FIRE / OpenRecon clients; :mod:`vne.runtime.mrd_server`,
 ``docs/mrd-server.md``), default port 9002; the Gadgetron path is unchanged.
 
 The server binds to loopback (127.0.0.1) by default: the stream carries patient data and the
 protocol has no authentication. A client's stream configuration cannot name files: its
 ``model``, ``model_sha256`` and ``cache_dir`` properties are ignored with one logged warning
 (``PipelineConfig.from_properties(trusted=False)``); they come from this command line only. A
-model that cannot be loaded or is refused (sha256, :mod:`vne.model`) is reported at start and
+model that cannot be loaded or is refused (sha256, :mod:`vne.runtime.model`) is reported at start and
 in every stream's log; the server still serves (pass-through only) so the scanner's images are
 never held up.
 
@@ -23,26 +25,39 @@ Bounds (both protocols): ``--read-timeout`` (no data for that long ends a connec
 none is refused; mrd: a TEXT "busy" and CLOSE). A failed ``accept()`` (e.g. out of file
 descriptors) is logged and retried with a back-off: the server never stops listening on its own.
 
-VNE work (both protocols) runs in one bounded pool for all connections (:mod:`vne.workers`):
+VNE work (both protocols) runs in one bounded pool for all connections (:mod:`vne.runtime.workers`):
 ``--vne-workers`` threads share the one model session, at most ``--vne-queue`` slices wait, and a
 slice that finds the queue full or waits longer than ``--vne-max-wait`` seconds gets no VNE, with
 the reason in its stream's log; every image still passes through at once. Memory stays flat:
 at most two malloc arenas, and free memory goes back to the system when a stream ends
-(:mod:`vne.memory`).
+(:mod:`vne.runtime.memory`).
+
+Declared message lengths are checked against ``--max-message-mb`` (data) and 16 MiB (texts,
+image attributes) before anything is allocated.
+
+SIGTERM or Ctrl-C (:mod:`vne.runtime.shutdown`; a second Ctrl-C stops waiting, exit code 130): the
+listener closes, open connections get ``--shutdown-grace`` seconds (default 5) to finish; then a
+connection waiting between messages is closed like a stream that ended (VNE for its complete
+slices, CLOSE) and one inside a message or still working is cut. One log line gives the counts;
+the exit code is 0, or 3 if a stream was cut.
 """
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
-import struct
 import sys
 import threading
 import time
+from dataclasses import replace
+from pathlib import Path
 
-from .. import memory, mrd_server, workers as vne_workers
-from ..framing import ListenerClosed, accept_once
-from ..exam import InputError
+from ..runtime import memory, mrd_server, workers as vne_workers
+from ..io.framing import ListenerClosed, accept_once
+from ..errors import InputError
+from ..runtime.shutdown import DEFAULT_GRACE_S, EXIT_CUT, ConnectionTracker
+from .args import port_number
 
 NAME = "serve"
 HELP = ("serve the VNE gadget for Gadgetron <external><connect port=.../>, or for MRD clients with --protocol mrd "
@@ -61,7 +76,7 @@ def add_arguments(p) -> None:
     p.add_argument("--protocol", choices=("gadgetron", "mrd"), default="gadgetron",
                    help="gadgetron: Gadgetron external-gadget connections (default); mrd: MRD streaming clients "
                         "(python-ismrmrd-server client.py, FIRE/OpenRecon), config name 'vne'")
-    p.add_argument("--port", type=int, default=None,
+    p.add_argument("--port", type=port_number, default=None,
                    help=f"port (default {DEFAULT_PORT} for gadgetron, {MRD_DEFAULT_PORT} for mrd; 0 picks a free one)")
     p.add_argument("--model", default=None, help="ONNX model (default: newest models/vne-sim-*.onnx, checked against "
                                                  "models/manifest.json)")
@@ -91,77 +106,42 @@ def add_arguments(p) -> None:
                    help=f"seconds a slice may wait for a worker before its VNE is skipped (default "
                         f"{vne_workers.DEFAULT_MAX_WAIT_S:g})")
     p.add_argument("--max-message-mb", type=float, default=1024.0,
-                   help="mrd: largest declared data of one image/acquisition/waveform in MiB (default 1024); "
-                        "text and image attributes are limited to 16 MiB")
+                   help="largest declared data of one image/acquisition/waveform in MiB (default 1024); "
+                        "text and image attributes are limited to 16 MiB; a message declaring more is not read "
+                        "(the input ends there, with the reason logged)")
+    p.add_argument("--shutdown-grace", type=float, default=DEFAULT_GRACE_S, metavar="S",
+                   help=f"on SIGTERM, seconds open connections get to finish (default {DEFAULT_GRACE_S:g}); then idle "
+                        f"ones are closed (VNE for their complete slices, CLOSE) and busy ones cut (exit code "
+                        f"{EXIT_CUT})")
 
 
-class _TimedSocket:
-    """A socket proxy with a read / write timeout that survives ``settimeout(None)``.
-
-    ``gadgetron.external.Connection`` sets its socket blocking and reads with
-    ``recv(n, MSG_WAITALL)``; the kernel's SO_RCVTIMEO / SO_SNDTIMEO bound each call instead,
-    and the resulting ``EAGAIN`` becomes a :class:`TimeoutError` that names the option.
-    """
-
-    def __init__(self, sock: socket.socket, timeout_s: float) -> None:
-        self._sock = sock
-        self._timeout_s = float(timeout_s)
-        sec = int(self._timeout_s)
-        tv = struct.pack("ll", sec, int((self._timeout_s - sec) * 1e6))
-        for opt in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
-            sock.setsockopt(socket.SOL_SOCKET, opt, tv)
-
-    def _timeout(self, what: str) -> TimeoutError:
-        return TimeoutError(f"no {what} for {self._timeout_s:g} s (--read-timeout)")
-
-    def recv(self, n, *flags):
-        try:
-            return self._sock.recv(n, *flags)
-        except BlockingIOError:
-            raise self._timeout("data from the peer") from None
-
-    def send(self, data, *flags):
-        try:
-            return self._sock.send(data, *flags)
-        except BlockingIOError:
-            raise self._timeout("progress sending to the peer") from None
-
-    def sendall(self, data, *flags):
-        try:
-            return self._sock.sendall(data, *flags)
-        except BlockingIOError:
-            raise self._timeout("progress sending to the peer") from None
-
-    def __getattr__(self, name):
-        return getattr(self._sock, name)
-
-
-def _handle(conn: socket.socket, peer, defaults, model, read_timeout_s: float | None = None) -> None:
-    from gadgetron.external import Connection
-
-    from ..pipeline import EOFGuardSocket
+def _handle(conn: socket.socket, peer, defaults, model, read_timeout_s: float | None = None,
+            limits=None, reader=None) -> None:
+    """Serve one accepted Gadgetron external connection to its end; never raises."""
+    from ..io import framing as F
+    from ..runtime.gadgetron_link import GadgetronLink
 
     try:
         from gadgets.vne_gadget import gadget
     except ImportError:  # the library alone is installed
-        from ..pipeline import run_connection as gadget
+        from ..runtime.gadgetron_link import run_connection as gadget
+    peer_s = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else str(peer)
     t0 = time.perf_counter()
+    link = None
     try:
-        conn.settimeout(None)
-        sock = _TimedSocket(conn, read_timeout_s) if read_timeout_s else conn
-        with Connection(EOFGuardSocket(sock)) as c:
-            c.vne_trusted = False  # a client: its configuration may not name files (run_connection)
-            p = gadget(c, defaults, model=model)
-        log.info("connection from %s done in %.1f s: %d items, %d VNE image(s)", peer, time.perf_counter() - t0,
-                 p.n_items, len(p.results))
-    except TimeoutError as exc:
-        log.error("connection from %s ended: %s", peer, exc)
-    except (AssertionError, ConnectionError, OSError, EOFError) as exc:
-        log.error("connection from %s failed before or during the stream (%s: %s); expected CONFIG (text), "
-                  "HEADER, images, CLOSE", peer, exc.__class__.__name__, exc)
-    except Exception as exc:  # a broken header, an unreadable message
-        log.error("connection from %s failed (%s: %s)", peer, exc.__class__.__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+        limits = limits or F.DEFAULT_LIMITS
+        # a client: its configuration may not name files (trusted=False)
+        link = GadgetronLink.open(conn, limits=limits, read_timeout_s=read_timeout_s, peer=peer_s,
+                                  reader=reader or F.FrameReader(conn, limits), trusted=False)
+        if not link.started:
+            return
+        gadget(link, defaults, model=model)
+        log.info("connection from %s done in %.1f s", peer_s, time.perf_counter() - t0)
+    except Exception as exc:  # a bug here must cost this connection only, never the server
+        log.exception("connection from %s: internal error (%s: %s)", peer_s, exc.__class__.__name__, exc)
     finally:
+        if link is not None:
+            link.close()
         try:
             conn.close()
         except OSError:
@@ -187,25 +167,31 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def serve(srv: socket.socket, defaults, model, *, max_connections: int = 0, stop: threading.Event | None = None,
-          read_timeout_s: float | None = DEFAULT_READ_TIMEOUT_S, max_active: int = DEFAULT_MAX_ACTIVE) -> int:
+          read_timeout_s: float | None = DEFAULT_READ_TIMEOUT_S, max_active: int = DEFAULT_MAX_ACTIVE,
+          limits=None, grace_s: float = DEFAULT_GRACE_S, tracker: ConnectionTracker | None = None) -> int:
     """Accept connections on ``srv`` until ``stop`` is set or ``max_connections`` were served.
 
     At most ``max_active`` connections are served at once; while all are busy no new one is
     accepted (they wait in the listen backlog). A failed ``accept()`` is logged and retried.
+    When ``stop`` is set, open connections get ``grace_s`` seconds (:mod:`vne.runtime.shutdown`;
+    ``tracker.result`` says what happened to them). Returns the number of connections accepted.
     """
+    from ..io import framing as F
+
     stop = stop or threading.Event()
+    tracker = tracker or ConnectionTracker()
+    limits = limits or F.DEFAULT_LIMITS
     srv.settimeout(0.5)
     slots = threading.BoundedSemaphore(max(1, int(max_active)))
-    workers: list[threading.Thread] = []
     n = failures = 0
     saturated = False
 
-    def run_one(conn, peer):
+    def run_one(conn, peer, reader):
         try:
-            _handle(conn, peer, defaults, model, read_timeout_s)
+            _handle(conn, peer, defaults, model, read_timeout_s, limits, reader)
         finally:
             slots.release()
-            memory.trim()  # the stream's images are free: give the memory back (vne.memory)
+            memory.trim()  # the stream's images are free: give the memory back (vne.runtime.memory)
 
     try:
         while not stop.is_set():
@@ -225,7 +211,8 @@ def serve(srv: socket.socket, defaults, model, *, max_connections: int = 0, stop
                 continue
             n += 1
             log.info("connection %d from %s", n, peer)
-            t = threading.Thread(target=run_one, args=(conn, peer), name=f"vne-conn-{n}", daemon=True)
+            reader = F.FrameReader(conn, limits)
+            t = threading.Thread(target=run_one, args=(conn, peer, reader), name=f"vne-conn-{n}", daemon=True)
             try:
                 t.start()
             except RuntimeError as exc:  # no thread to be had: drop this one, keep listening
@@ -236,34 +223,42 @@ def serve(srv: socket.socket, defaults, model, *, max_connections: int = 0, stop
                 except OSError:
                     pass
                 continue
-            workers = [w for w in workers if w.is_alive()] + [t]
+            tracker.add(reader, t, peer)
             if max_connections and n >= max_connections:
                 break
     finally:
         srv.close()
-        for w in workers:
-            w.join()
+        if stop.is_set():
+            log.warning("stop requested: no longer accepting connections (listener closed)")
+        tracker.drain(stop.is_set(), grace_s)
     return n
 
 
-def _mrd_options(args) -> "mrd_server.ServerOptions":
-    from ..framing import FrameLimits
+def _limits(args):
+    from ..io.framing import FrameLimits
 
+    max_mb = getattr(args, "max_message_mb", 1024.0)
+    if not max_mb > 0:
+        raise InputError("--max-message-mb must be positive")
+    return FrameLimits(max_data=int(max_mb * (1 << 20)))
+
+
+def _mrd_options(args) -> "mrd_server.ServerOptions":
     max_active = getattr(args, "max_active", DEFAULT_MAX_ACTIVE)
     read_timeout = getattr(args, "read_timeout", None)
     read_timeout = MRD_DEFAULT_READ_TIMEOUT_S if read_timeout is None else read_timeout
-    max_mb = getattr(args, "max_message_mb", 1024.0)
-    if max_active < 1 or not read_timeout > 0 or not max_mb > 0:
+    if max_active < 1 or not read_timeout > 0:
         raise InputError("--max-active, --read-timeout and --max-message-mb must be positive")
-    return mrd_server.ServerOptions(limits=FrameLimits(max_data=int(max_mb * (1 << 20))),
-                                    read_timeout_s=float(read_timeout), max_active=int(max_active))
+    return mrd_server.ServerOptions(limits=_limits(args), read_timeout_s=float(read_timeout), max_active=int(max_active))
 
 
 def run(args) -> int:
-    from ..model import load_model
-    from ..pipeline import PipelineConfig
+    from ..runtime.model import load_model
+    from ..runtime.pipeline import PipelineConfig
     from .infer import parse_properties
 
+    if args.model and not Path(args.model).is_file():  # a named model must exist; a refused one serves pass-through
+        raise InputError(f"--model {args.model} does not exist")
     protocol = getattr(args, "protocol", "gadgetron") or "gadgetron"
     mrd_options = _mrd_options(args) if protocol == "mrd" else None
     read_timeout = getattr(args, "read_timeout", None)
@@ -282,7 +277,7 @@ def run(args) -> int:
         raise InputError("--vne-workers, --vne-queue and --vne-max-wait must be positive")
     pool = vne_workers.configure(n_workers, queue_len, max_wait)
     memory.limit_arenas()
-    from ..inference import preload
+    from ..runtime.inference import preload
 
     preload()  # the first slice's imports, now rather than in the first stream
     model = None
@@ -297,21 +292,48 @@ def run(args) -> int:
     srv = bind(args.host, port)
     host, port = srv.getsockname()[:2]
     stop = threading.Event()
+    signals: list[str] = []
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        def on_signal(signum, _frame):  # only flags: the accept loop logs and drains
+            if signum == signal.SIGINT and stop.is_set():
+                raise KeyboardInterrupt  # a second Ctrl-C: stop waiting
+            signals.append(signal.Signals(signum).name)
+            stop.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+    grace = float(getattr(args, "shutdown_grace", DEFAULT_GRACE_S))
+    if grace < 0:
+        raise InputError("--shutdown-grace must not be negative")
     what = f"{model.name} {model.version} on {', '.join(model.providers)}" if model else "no model: pass-through"
     what += f"; {pool.n_workers} VNE worker(s), queue {pool.max_queued}"
     if protocol == "mrd":
         what = f"MRD protocol, config '{mrd_server.VNE_CONFIG}'; {what}"
     print(f"vne serve: listening on {host}:{port} ({what})", flush=True)
+    tracker = ConnectionTracker()
     try:
         if protocol == "mrd":
-            n = mrd_server.serve(srv, defaults, model, mrd_options, max_connections=args.max_connections, stop=stop)
+            n = mrd_server.serve(srv, defaults, model, replace(mrd_options, grace_s=grace),
+                                 max_connections=args.max_connections, stop=stop, tracker=tracker)
         else:
             n = serve(srv, defaults, model, max_connections=args.max_connections, stop=stop,
-                      read_timeout_s=read_timeout, max_active=max_active)
+                      read_timeout_s=read_timeout, max_active=max_active, limits=_limits(args), grace_s=grace,
+                      tracker=tracker)
     except KeyboardInterrupt:
         stop.set()
-        n = -1
-    print(f"vne serve: stopped after {n} connection(s)" if n >= 0 else "vne serve: interrupted", flush=True)
+        print("vne serve: interrupted", flush=True)
+        return 130
+    res = tracker.result
+    if signals:
+        code = res.exit_code if res else 0
+        msg = f"vne serve: stopped by {signals[0]} after {n} connection(s); {res.describe() if res else 'none open'}" \
+              f"; exit code {code}"
+        (log.warning if code else log.info)("%s", msg[len("vne serve: "):])
+        print(msg, flush=True)
+        if res is not None and res.abandoned:  # threads still in native code: do not wait for them at exit
+            logging.shutdown()
+            sys.stdout.flush()
+            os._exit(code)
+        return code
+    print(f"vne serve: stopped after {n} connection(s)", flush=True)
     return 0

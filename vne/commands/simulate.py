@@ -4,7 +4,7 @@ Output layout of ``--out DIR``::
 
     DIR/mrd/<case>.h5          one ISMRMRD file per case, as a scanner delivers it
     DIR/dicom/<case>/NN_<series>/   with --dicom: one Siemens-like DICOM folder per series
-    DIR/cache/                 the training cache (vne.training_cache), unless --no-cache
+    DIR/cache/                 the training cache (vne.io.training_data), unless --no-cache
     DIR/truth/<case>.npz       masks (myocardium, blood_pool, remote, lesion), fibrosis and
                                artefact-free LGE per slice, on the T1 grid
     DIR/cases.json             per-case parameters and the true lesion burden
@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ..contract import ModelContract
-from ..exam import InputError
+from ..prepare.contract import ModelContract
+from ..errors import InputError
 
 NAME = "simulate"
 HELP = "simulate synthetic HCM exams (cine, ShMOLLI IR + T1 map, PSIR LGE, ground truth)"
@@ -78,7 +78,7 @@ def _one(job):
 
 def run(args) -> int:
     from ..simulate.case import SIMULATOR_VERSION
-    from ..training_cache import write_index
+    from ..io.training_data import write_index
 
     if args.cases < 1:
         raise InputError("--cases must be at least 1")

@@ -20,7 +20,7 @@ a FIRE / OpenRecon host) against an MRD server such as ``vne serve --protocol mr
 (``docs/mrd-server.md``): CONFIG_FILE with the config name (``--config``, default ``vne``; JSON
 text or a JSON file goes as CONFIG_TEXT), HEADER, an optional TEXT with JSON parameters
 (``--param NAME=VALUE``: python-ismrmrd-server's "configAdditional", ``parameters.config`` set to
-the config name), every image, CLOSE. Replies are framed with :mod:`vne.framing` (the same
+the config name), every image, CLOSE. Replies are framed with :mod:`vne.io.framing` (the same
 framing the server uses, every declared length checked before it is read) until the server's
 CLOSE: the images go to ``--out``, the TEXT (logging) messages are printed, one per line.
 """
@@ -32,7 +32,8 @@ import threading
 import time
 from pathlib import Path
 
-from ..exam import InputError
+from ..errors import InputError
+from .args import port_number
 
 NAME = "stream"
 HELP = "send an ISMRMRD file to a Gadgetron / vne serve endpoint and save what comes back (integration testing)"
@@ -45,7 +46,7 @@ def add_arguments(p) -> None:
     p.add_argument("--protocol", choices=("gadgetron", "mrd"), default="gadgetron",
                    help="gadgetron: the Gadgetron / ISMRMRD protocol (default); mrd: an MRD streaming client "
                         "(python-ismrmrd-server, OpenRecon) for `vne serve --protocol mrd`")
-    p.add_argument("--port", type=int, required=True,
+    p.add_argument("--port", type=port_number, required=True,
                    help="server port (vne serve: 18000; gadgetron and vne serve --protocol mrd: 9002)")
     p.add_argument("--config", default=None,
                    help="gadgetron: config file to send as text, XML text, or a config name; mrd: the config name "
@@ -54,7 +55,9 @@ def add_arguments(p) -> None:
                    help="mrd: a parameter sent in the JSON TEXT after HEADER ({\"parameters\": {...}}), e.g. "
                         "--param pixel_type=uint16; repeatable")
     p.add_argument("--out", type=Path, required=True, help="output ISMRMRD .h5 file for everything received")
-    p.add_argument("--group", default=None, metavar="NAME", help="HDF5 group of the file to send (default: /dataset, else the only top-level group; an MRD client output file names it after a timestamp)")
+    p.add_argument("--group", default=None, metavar="NAME",
+                   help="HDF5 group of the file to send (default: /dataset, else the only top-level group; "
+                        "an MRD client output file names it after a timestamp)")
     p.add_argument("--connect-timeout", type=float, default=5.0, help="seconds to wait for the connection (default 5)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds without any traffic before giving up (default 120)")
 
@@ -115,7 +118,7 @@ def exchange_on(sock: socket.socket, header_xml: str, images: list, *, config=No
     from a gadget that Gadgetron-style execute mode started."""
     from ismrmrd.serialization import ProtocolDeserializer, ProtocolSerializer
 
-    from ..mrd_io import parse_header
+    from ..io.mrd import parse_header
 
     sock.settimeout(timeout)
     hdr = parse_header(header_xml)
@@ -164,7 +167,7 @@ def exchange_on(sock: socket.socket, header_xml: str, images: list, *, config=No
 def run(args) -> int:
     import ismrmrd
 
-    from ..mrd_io import read_mrd_file, write_mrd_file
+    from ..io.mrd import read_mrd_file, write_mrd_file
 
     if getattr(args, "protocol", "gadgetron") == "mrd":
         return run_mrd(args)
@@ -194,7 +197,7 @@ class MRDReply:
     """Everything an MRD server sent back, in order, up to its CLOSE.
 
     Attributes:
-        frames: every message received except CLOSE (:class:`vne.framing.Frame`: exact bytes in
+        frames: every message received except CLOSE (:class:`vne.io.framing.Frame`: exact bytes in
             ``raw``).
         got_close: the server ended with CLOSE.
     """
@@ -209,7 +212,7 @@ class MRDReply:
     @property
     def texts(self) -> list[str]:
         """The TEXT (logging) messages, NUL stripped."""
-        from .. import framing as F
+        from ..io import framing as F
 
         return [f.text or "" for f in self.of(F.TEXT)]
 
@@ -230,7 +233,7 @@ def parse_params(items: list[str]) -> dict[str, str]:
 def mrd_config_message(config: str | None) -> bytes:
     """The first message of an MRD session for ``--config``: CONFIG_FILE with a config name
     (default ``vne``), or CONFIG_TEXT for JSON text or a file holding it."""
-    from .. import framing as F
+    from ..io import framing as F
 
     text = MRD_DEFAULT_CONFIG if config is None else config
     if text.lstrip().startswith(("{", "<")):
@@ -249,7 +252,7 @@ def mrd_messages(header_xml: str, images: list, *, config: str | None = None, pa
     """The whole MRD session a client sends: CONFIG, HEADER, [TEXT parameters], IMAGEs, CLOSE."""
     import json
 
-    from .. import framing as F
+    from ..io import framing as F
 
     out = [mrd_config_message(config), F.pack_text(F.HEADER, header_xml)]
     if params:
@@ -278,13 +281,13 @@ def exchange_mrd(host: str, port: int, header_xml: str, images: list, *, config:
                  limits=None) -> MRDReply:
     """Play an MRD client: send the session from a second thread (the server answers each
     message as it arrives, so the client must read while it sends) and frame every reply with
-    :func:`vne.framing.read_frame` until the server's CLOSE.
+    :func:`vne.io.framing.read_frame` until the server's CLOSE.
 
     Raises:
         InputError: unreachable server, no traffic for ``timeout`` s, a reply that cannot be
             framed, or a connection that ends without CLOSE.
     """
-    from .. import framing as F
+    from ..io import framing as F
 
     messages = mrd_messages(header_xml, images, config=config, params=params)
     where = f"{host}:{port}"
@@ -295,7 +298,7 @@ def exchange_mrd(host: str, port: int, header_xml: str, images: list, *, config:
 def exchange_mrd_on(sock: socket.socket, messages: list[bytes], *, timeout: float = 120.0, limits=None,
                     where: str = "peer") -> MRDReply:
     """:func:`exchange_mrd` on a connected socket (closed at the end) with prepared messages."""
-    from .. import framing as F
+    from ..io import framing as F
 
     sock.settimeout(timeout)
     send_error: list[BaseException] = []
@@ -340,8 +343,8 @@ def run_mrd(args) -> int:
     """``vne stream --protocol mrd``: send the file, print the server's TEXT messages, write the images."""
     import ismrmrd
 
-    from .. import framing as F
-    from ..mrd_io import read_mrd_file, write_mrd_file
+    from ..io import framing as F
+    from ..io.mrd import read_mrd_file, write_mrd_file
 
     t0 = time.perf_counter()
     params = parse_params(getattr(args, "param", []))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shutil
 import sys
 import tempfile
@@ -26,8 +25,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ..dicom_io import read_dicom_folder, series_folder_name, write_series
-from ..exam import Exam, InputError, MRImage, Role
+from ..io.atomic import move_into
+from ..io.dicom import read_dicom_folder, series_folder_name, write_series
+from ..errors import InputError
+from ..exam.data import Exam, MRImage, Role
 from ..t1 import SCHEMES, detect_scheme, fit_t1
 
 NAME = "t1map"
@@ -129,18 +130,6 @@ def _series_number(src: MRImage) -> int:
         return 0
 
 
-def _move_into(tmp_root: Path, out: Path) -> None:
-    if not out.exists():
-        os.replace(tmp_root, out)
-        return
-    for child in sorted(tmp_root.iterdir()):
-        dest = out / child.name
-        if dest.exists():
-            shutil.rmtree(dest) if dest.is_dir() else dest.unlink()
-        os.replace(child, dest)
-    shutil.rmtree(tmp_root, ignore_errors=True)
-
-
 def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     src = Path(args.dicom_dir)
@@ -205,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
                                         series_number=r2_no, image_type=["DERIVED", "PRIMARY", "RSQUARE", "VNE"],
                                         series_description=entry["desc"] + "_RSQUARE",
                                         rescale=(1.0 / R2_STORED_SCALE, 0.0)))
-        _move_into(tmp_root, out)
+        move_into(tmp_root, out)
     except BaseException:
         shutil.rmtree(tmp_root, ignore_errors=True)
         raise

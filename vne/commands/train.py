@@ -32,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def apply_overrides(config: dict, items: list[str]) -> dict:
     """Apply ``section.key=value`` overrides (value parsed as JSON, else kept as a string)."""
-    from ..exam import InputError
+    from ..errors import InputError
 
     for item in items:
         key, sep, raw = item.partition("=")

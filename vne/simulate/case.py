@@ -1,7 +1,7 @@
 """One synthetic HCM exam: native cine, ShMOLLI/MOLLI IR images and T1 map, PSIR LGE, truth.
 
 :func:`simulate_case` is deterministic per (seed, case index) and returns the images as a
-scanner would deliver them (:class:`vne.exam.MRImage`, with roles, geometry and Siemens- or
+scanner would deliver them (:class:`vne.exam.data.MRImage`, with roles, geometry and Siemens- or
 Gadgetron-style meta in one of several spellings) and the ground truth per slice on the T1 grid.
 """
 from __future__ import annotations
@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..exam import Geometry, MRImage, Role
+from ..exam.data import MRImage, Role
 from ..t1 import fit_t1
 from . import anatomy, signals, tissue
-from .anatomy import T, TISSUES
+from .anatomy import T
 from .scanner import HeartFrame, acquire, coil_shading, local_coordinates, sample_short_axis, scan_geometry, smooth_phase
 
 SIMULATOR_VERSION = "2.2"
@@ -218,7 +218,7 @@ def simulate_case(seed: int, index: int, field_t: float | None = None, family: s
                      rr_interval_ms=rr, mask=body)
         t1_map = np.where(fit.t1_ms > 0, fit.t1_ms, 0.0).astype(np.float32)
         ir_order = np.argsort(ti_ms, kind="stable")
-        for n, k in enumerate(ir_order):
+        for k in ir_order:
             for role, px in ((Role.IR_MAGNITUDE, mags[k]), (Role.IR_PHASE, phs[k])):
                 images.append(MRImage(
                     pixels=px.astype(np.float32), geometry=g_t1, role=role, series_description=t1_name,

@@ -1,7 +1,7 @@
 """Scan planes and acquisition effects: grids, resolution, noise, coil shading, ghosts.
 
 A :class:`HeartFrame` ties the heart-local coordinates of :mod:`vne.simulate.anatomy` to patient
-coordinates (mm). A scan is a :class:`vne.exam.Geometry` in that plane with its own FOV,
+coordinates (mm). A scan is a :class:`vne.exam.data.Geometry` in that plane with its own FOV,
 matrix, in-plane rotation and pixel spacing. Acquisition effects are applied in k-space:
 truncation to the acquired resolution (the interpolation a scanner does by zero-filling),
 complex Gaussian noise (so magnitude images get Rician statistics) and, for LGE, periodic
@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import fft
 
-from ..exam import Geometry
-from ..geometry import pixel_centres_mm
+from ..exam.data import Geometry
+from ..exam.geometry import pixel_centres_mm
 
 
 @dataclass(frozen=True)

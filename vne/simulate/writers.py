@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import mrd_io
-from ..contract import ModelContract, model_inputs
-from ..exam import MRImage, Role
-from ..geometry import crop_geometry
-from ..qc import check_inputs
-from ..slices import assemble, on_t1_grid
-from ..training_cache import heart_crop_window, write_slice
+from ..io import mrd as mrd_io
+from ..prepare.contract import ModelContract, model_inputs
+from ..exam.data import MRImage, Role
+from ..exam.geometry import crop_geometry
+from ..runtime.qc import check_inputs
+from ..prepare.slices import assemble, on_t1_grid
+from ..io.training_data import heart_crop_window, write_slice
 from .case import SIMULATOR_VERSION, SimulatedCase
 
 # Scanner order and series numbers: cine, IR magnitude, IR phase, T1 map, LGE.
@@ -100,7 +100,7 @@ def write_case_mrd(case: SimulatedCase, path) -> None:
 
 def write_case_dicom(case: SimulatedCase, folder) -> None:
     """One Siemens-like DICOM series folder per scan under ``folder``."""
-    from ..dicom_io import write_series
+    from ..io.dicom import write_series
 
     for role, number in SERIES_INDEX.items():
         ims = [im for im in case.images if im.role == role]
@@ -116,7 +116,7 @@ def write_case_dicom(case: SimulatedCase, folder) -> None:
 def as_delivered(case: SimulatedCase) -> list[MRImage]:
     """The case's images exactly as the gadget sees them: encoded as the scanner stream
     (:func:`case_to_mrd`: uint16 magnitudes, x10 T1 maps, meta spellings) and decoded again by the
-    gadget's own reader (:func:`vne.mrd_io.from_mrd`). Training data made from these cannot
+    gadget's own reader (:func:`vne.io.mrd.from_mrd`). Training data made from these cannot
     differ from what the model meets at run time (quantisation, rounding, role and TI parsing)."""
     header, images = case_to_mrd(case)
     study = mrd_io.study_key(mrd_io.parse_header(header))

@@ -1,0 +1,1 @@
+"""VNE against LGE: lesion quantification, statistics, the report, collection of DICOM exams."""

@@ -1,0 +1,933 @@
+"""Evaluation masks for real data: myocardium, remote and blood pool (and lesion) per T1 map, from files.
+
+The evaluation (:mod:`vne.evaluation.analysis`) needs, for every T1 map, three masks on the T1 map's grid:
+the **myocardium**, a **remote**-myocardium ROI and an LV **blood-pool** ROI; a **lesion** mask
+is optional (it gives the "truth" burden and, when every slice of a patient has one, whether
+the patient is lesion-free), and so are the LGE's own contours (``lge_myocardium``,
+``lge_blood_pool``, ``lge_remote``, all three or none) for an LGE that is misregistered to the
+T1 map. The simulator's ground truth supplies them for simulated exams; for real data they
+come as files, read here. See ``docs/masks.md`` for the full description and examples.
+
+Formats
+-------
+- **NumPy**: ``.npz`` with one named array per mask, or one ``.npy`` per mask. NumPy arrays
+  carry no geometry, so each must be ``(rows, columns)`` of the T1 map exactly.
+- **NIfTI-1 / NIfTI-2** (``.nii``, ``.nii.gz``), one file per mask, read with nibabel
+  (:func:`read_nifti`). The voxel grid is placed in patient coordinates by the sform
+  (when ``sform_code > 0``), else the qform (``qform_code > 0``), as nibabel does; files with
+  neither are refused. NIfTI world coordinates are RAS+, DICOM's are LPS+: x and y change sign.
+  The mask may be 2D or a 3D stack: the voxel axis closest to the T1 map's normal is the slice
+  axis, the slice nearest to the T1 plane that passes :func:`vne.exam.geometry.planes_match` is
+  taken and resampled onto the T1 grid nearest-neighbour (:func:`vne.exam.geometry.resample_to_grid`,
+  identity when the grids agree). Spatial units other than mm (``xyzt_units``) are converted.
+- **DICOM-SEG** (Segmentation Storage, BINARY or FRACTIONAL; any file name, one object per
+  study or several). Segments are found by SegmentLabel (then SegmentDescription, then the
+  segmented property type's CodeMeaning), compared case- and punctuation-insensitively with
+  configurable names (:data:`DEFAULT_NAMES`). Frames are mapped to a T1 map by the
+  ReferencedSOPInstanceUID of their DerivationImageSequence / SourceImageSequence; when no
+  frame references the T1 map, by plane position and orientation (same FrameOfReferenceUID,
+  the :func:`vne.exam.geometry.planes_match` rule, the nearest plane wins). A segment without a
+  frame on a covered T1 map is empty (writers omit empty frames).
+
+A pixel belongs to a mask when its value is at least ``threshold`` (0.5): binary masks may be
+bool, 0/1 or 0/255; fractional masks (probabilities or occupancy in 0..1, or a FRACTIONAL SEG
+scaled by MaximumFractionalValue) are cut at one half.
+
+Folder layout
+-------------
+A masks folder ``MASKS`` is searched for every T1 map with these keys:
+
+- ``<uid>``: the T1 map's SOPInstanceUID;
+- ``s<k>``: its slice index, ``k`` counting from 0 over the study's distinct T1 maps in
+  (SeriesNumber, InstanceNumber) order (:func:`t1_slice_order`; the simulator's ``s0, s1, ...``);
+- ``<study>``: the exam's folder name (the first folder under the exams folder, when given),
+  its PatientID or its StudyInstanceUID.
+
+and the first of these that exist are the masks (more than one is an error, never a guess)::
+
+    MASKS/<uid>.npz                         arrays myocardium, remote, blood_pool[, lesion]
+    MASKS/<uid>_<mask>.npy|.nii|.nii.gz     one file per mask
+    MASKS/<study>/<uid or s<k>>.npz         the same, per study folder
+    MASKS/<study>/<uid or s<k>>_<mask>.npy|.nii|.nii.gz
+    MASKS/<study>.npz                       arrays <uid or s<k>>_<mask>: the simulator's truth layout
+    MASKS/**/<any name>                     DICOM-SEG objects, matched by their content
+
+``<mask>`` is ``myocardium``, ``remote``, ``blood_pool``, ``lesion`` (or another of the names,
+spaces written as ``_``). A T1 map that none of these cover raises :class:`MasksNotFound`
+(an :class:`InputError`: the caller may skip the slice); a file that is found but unusable
+(a missing or empty required mask, a wrong shape, a plane that does not match) raises
+:class:`InputError` with a one-line reason naming the file.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+
+from ..errors import InputError
+from ..exam.data import Geometry, MRImage, Role
+from ..exam.geometry import (centre_from_first_pixel, first_pixel_from_centre, pixel_centres_mm, plane_distance_mm, planes_match,
+                              resample_to_grid, same_plane)
+
+log = logging.getLogger(__name__)
+
+REQUIRED = ("myocardium", "remote", "blood_pool")
+LGE_CONTOURS = ("lge_myocardium", "lge_blood_pool", "lge_remote")
+OPTIONAL = ("lesion",) + LGE_CONTOURS
+ROLES = REQUIRED + OPTIONAL
+
+#: Accepted names per mask (array names, file-name suffixes, DICOM-SEG segment labels). They are
+#: compared after :func:`normalise_name` (lower case, punctuation and ``_`` as one space).
+DEFAULT_NAMES: dict[str, tuple[str, ...]] = {
+    "myocardium": ("myocardium", "lv myocardium", "left ventricle myocardium", "left ventricular myocardium", "myo"),
+    "remote": ("remote", "remote myocardium", "remote roi"),
+    "blood_pool": ("blood pool", "lv blood pool", "left ventricle blood pool", "lv cavity", "left ventricle cavity",
+                   "blood pool roi", "bloodpool", "blood"),
+    "lesion": ("lesion", "scar"),  # not "fibrosis": the simulator truth has a fibrosis fraction map beside its lesion mask
+    "lge_myocardium": ("lge myocardium",),
+    "lge_blood_pool": ("lge blood pool",),
+    "lge_remote": ("lge remote",),
+}
+DEFAULT_THRESHOLD = 0.5
+SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+LABEL_MAP_SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.7"
+_NIFTI_SUFFIXES = (".nii.gz", ".nii")
+_MASK_FILE_SUFFIXES = (".npy",) + _NIFTI_SUFFIXES
+_NOT_DICOM_SUFFIXES = (".npz", ".npy", ".nii", ".gz", ".csv", ".json", ".txt", ".md", ".png", ".jpg", ".yaml", ".yml")
+LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
+
+
+class MasksNotFound(InputError):
+    """No masks at all for a T1 map (the slice can be skipped); bad masks raise plain InputError."""
+
+
+def normalise_name(name: str) -> str:
+    """``"LV_Blood-Pool "`` -> ``"lv blood pool"``."""
+    return re.sub(r"[^a-z0-9]+", " ", str(name).lower()).strip()
+
+
+def mask_names(names: Mapping[str, Sequence[str]] | None = None) -> dict[str, tuple[str, ...]]:
+    """:data:`DEFAULT_NAMES` with ``names`` replacing the lists of the masks it names (normalised).
+
+    A given name wins over a default one: ``{"remote": ["myo"]}`` also takes "myo" from the
+    myocardium's defaults.
+
+    Raises:
+        InputError: an unknown mask, an empty list, or one name given for two masks.
+    """
+    given: dict[str, tuple[str, ...]] = {}
+    owner: dict[str, str] = {}
+    for role, aliases in (names or {}).items():
+        if role not in ROLES:
+            raise InputError(f"unknown mask '{role}' in the mask names (known: {', '.join(ROLES)})")
+        aliases = [aliases] if isinstance(aliases, str) else list(aliases)
+        norm = tuple(dict.fromkeys(normalise_name(a) for a in aliases if normalise_name(a)))
+        if not norm:
+            raise InputError(f"no names given for the '{role}' mask")
+        for a in norm:
+            if owner.setdefault(a, role) != role:
+                raise InputError(f"mask name '{a}' is given for both '{owner[a]}' and '{role}'")
+        given[role] = norm
+    out = {}
+    for role, aliases in DEFAULT_NAMES.items():
+        out[role] = given.get(role) or tuple(a for a in dict.fromkeys(normalise_name(x) for x in aliases) if a not in owner)
+    return out
+
+
+def _role_of(name: str, names: dict[str, tuple[str, ...]]) -> str | None:
+    n = normalise_name(name)
+    for role, aliases in names.items():
+        if n in aliases:
+            return role
+    return None
+
+
+@dataclass
+class SliceMasks:
+    """The masks of one T1 map, (H, W) bool on its grid.
+
+    Attributes:
+        lesion: None when the source has no lesion mask.
+        lge_myocardium, lge_blood_pool, lge_remote: the LGE's own contours, or None.
+        source: where they came from (for logs and messages).
+    """
+
+    myocardium: np.ndarray
+    remote: np.ndarray
+    blood_pool: np.ndarray
+    lesion: np.ndarray | None = None
+    lge_myocardium: np.ndarray | None = None
+    lge_blood_pool: np.ndarray | None = None
+    lge_remote: np.ndarray | None = None
+    source: str = ""
+
+
+def masks_from_values(values: Mapping[str, np.ndarray], shape: tuple[int, int], source: str,
+                      threshold: float = DEFAULT_THRESHOLD) -> SliceMasks:
+    """:class:`SliceMasks` from role -> (H, W) values already on the T1 grid.
+
+    Raises:
+        InputError: a required mask missing or empty, a wrong shape, non-finite values, or an
+            incomplete set of LGE contours.
+    """
+    missing = [r for r in REQUIRED if r not in values]
+    if missing:
+        have = ", ".join(sorted(values)) or "none"
+        raise InputError(f"{source}: no {' / '.join(missing)} mask (found: {have})")
+    lge = [r for r in LGE_CONTOURS if r in values]
+    if lge and len(lge) != len(LGE_CONTOURS):
+        raise InputError(f"{source}: the LGE contours need all of {', '.join(LGE_CONTOURS)} (found: {', '.join(lge)})")
+    out: dict[str, np.ndarray] = {}
+    for role, v in values.items():
+        a = np.asarray(v)
+        if a.shape != tuple(shape):
+            hint = " (transposed?)" if a.shape == tuple(shape)[::-1] else ""
+            raise InputError(f"{source}: {role} mask is {a.shape}, the T1 map is {tuple(shape)}{hint}")
+        if a.dtype == bool:
+            m = a.copy()
+        else:
+            if a.dtype.kind not in "iuf":
+                raise InputError(f"{source}: {role} mask has unsupported type {a.dtype}")
+            if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
+                raise InputError(f"{source}: {role} mask contains NaN or inf")
+            m = a >= threshold
+        out[role] = m
+    for role in REQUIRED + LGE_CONTOURS:
+        if role in out and not out[role].any():
+            raise InputError(f"{source}: empty {role} mask")
+    if (out["remote"] & ~out["myocardium"]).sum() > 0.5 * out["remote"].sum():
+        log.warning("%s: most of the remote ROI lies outside the myocardium mask", source)
+    return SliceMasks(**out, source=source)
+
+
+def _arrays_by_role(arrays: Mapping[str, np.ndarray], names, source: str, prefix: str = "") -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    from_name: dict[str, str] = {}
+    for key in arrays:
+        if prefix:
+            if not key.startswith(prefix):
+                continue
+            name = key[len(prefix):]
+        else:
+            name = key
+        role = _role_of(name, names)
+        if role is None:
+            continue
+        if role in out:
+            raise InputError(f"{source}: arrays '{from_name[role]}' and '{key}' are both a {role} mask")
+        out[role], from_name[role] = arrays[key], key
+    return out
+
+
+# ----------------------------------------------------------------------------- NIfTI
+
+
+@dataclass
+class NiftiImage:
+    """A NIfTI volume: ``data[i, j, k]`` and the 4x4 affine from voxel index to RAS+ mm."""
+
+    data: np.ndarray
+    affine: np.ndarray
+    path: str = ""
+
+
+_UNIT_TO_MM = {"meter": 1000.0, "mm": 1.0, "micron": 0.001, "unknown": 1.0}
+
+
+def _nibabel():
+    try:
+        import nibabel
+    except ImportError:  # a runtime dependency; only a broken install lacks it
+        raise InputError("reading or writing NIfTI masks needs nibabel (pip install nibabel)") from None
+    return nibabel
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{exc.__class__.__name__}: {text[0][:160]}" if text else exc.__class__.__name__
+
+
+def read_nifti(path) -> NiftiImage:
+    """Read a single-file NIfTI-1 or NIfTI-2 image (``.nii`` or ``.nii.gz``) with nibabel.
+
+    Returns:
+        data as ``(ni, nj, nk)`` (trailing singleton dimensions dropped, at least 3), scaled by
+        ``scl_slope`` / ``scl_inter``; the affine from the sform, else the qform (nibabel's
+        choice), in mm whatever the file's spatial unit.
+
+    Raises:
+        InputError: not NIfTI, a header/image pair, unreadable, more than one volume, a
+            non-numeric data type, or no qform / sform orientation (it cannot be placed).
+    """
+    nib = _nibabel()
+    path = Path(path)
+    try:
+        img = nib.load(str(path))
+    except Exception as exc:  # nibabel raises many types for what is not NIfTI
+        raise InputError(f"{path}: not a NIfTI file ({_reason(exc)})") from None
+    hdr = img.header
+    magic = bytes(np.asarray(hdr["magic"]).tobytes()).rstrip(b"\x00") if "magic" in hdr else b""
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)) or magic not in (b"n+1", b"n+2"):
+        raise InputError(f"{path}: not a single-file NIfTI image (a .hdr/.img pair or ANALYZE 7.5 has no place here; "
+                         "save it as one .nii file)")
+    shape = tuple(int(n) for n in img.shape)
+    if any(n != 1 for n in shape[3:]):
+        raise InputError(f"{path}: has {int(np.prod(shape[3:]))} volumes (dimensions {list(shape)}); one mask per file")
+    if int(hdr["sform_code"]) <= 0 and int(hdr["qform_code"]) <= 0:
+        raise InputError(f"{path}: NIfTI file has no orientation (qform_code and sform_code are 0); "
+                         "it cannot be placed on the T1 map")
+    try:
+        data = np.asanyarray(img.dataobj)
+    except Exception as exc:
+        raise InputError(f"{path}: unreadable NIfTI data ({_reason(exc)})") from None
+    if data.dtype.kind not in "biuf":
+        raise InputError(f"{path}: unsupported NIfTI data type {data.dtype} (need integer or float voxels)")
+    data = data.reshape(shape[:3] + (1,) * (3 - len(shape[:3])))
+    affine = np.array(img.affine, float)
+    if not np.all(np.isfinite(affine)):
+        raise InputError(f"{path}: NIfTI orientation is not finite")
+    affine[:3] *= _UNIT_TO_MM.get(hdr.get_xyzt_units()[0], 1.0)
+    return NiftiImage(data=data, affine=affine, path=str(path))
+
+
+def write_nifti(path, data: np.ndarray, affine: np.ndarray) -> Path:
+    """Write a NIfTI-1 single file with nibabel (``.nii``, or gzip-compressed for ``.nii.gz``).
+
+    Args:
+        data: 2D or 3D array indexed ``[i, j(, k)]``; bool is written as uint8.
+        affine: 4x4 voxel index -> RAS+ mm; written as sform and qform (code 1, scanner), unit mm.
+    """
+    nib = _nibabel()
+    path = Path(path)
+    arr = np.asarray(data)
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.ndim != 3:
+        raise InputError(f"write_nifti: need a 2D or 3D array, got {arr.shape}")
+    affine = np.asarray(affine, float)
+    if np.any(np.linalg.norm(affine[:3, :3], axis=0) <= 0):
+        raise InputError("write_nifti: the affine has a zero-length axis")
+    try:
+        img = nib.Nifti1Image(arr, affine)
+    except Exception as exc:  # e.g. a data type NIfTI-1 has no code for
+        raise InputError(f"write_nifti: {_reason(exc)}") from None
+    img.set_sform(affine, code=1)
+    img.set_qform(affine, code=1)
+    img.header.set_xyzt_units("mm")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(img, str(path))
+    return path
+
+
+def nifti_affine(geom: Geometry) -> np.ndarray:
+    """The RAS+ affine of a 2D image on ``geom`` stored as ``pixels.T[:, :, None]``.
+
+    NIfTI index ``i`` runs along DICOM columns (``read_dir``), ``j`` along rows (``phase_dir``),
+    ``k`` along the plane normal (one slice thick).
+    """
+    g = geom.normalised()
+    dy, dx = g.pixel_spacing_mm
+    lps = np.eye(4)
+    lps[:3, 0] = np.asarray(g.read_dir) * dx
+    lps[:3, 1] = np.asarray(g.phase_dir) * dy
+    lps[:3, 2] = g.slice_dir * g.slice_thickness_mm
+    lps[:3, 3] = first_pixel_from_centre(g)
+    out = lps.copy()
+    out[:3] = LPS_FROM_RAS @ lps[:3]
+    return out
+
+
+def write_nifti_mask(path, mask: np.ndarray, geom: Geometry) -> Path:
+    """Write an (H, W) mask on ``geom`` as NIfTI (uint8 for bool, else the array's type)."""
+    mask = np.asarray(mask)
+    if mask.shape != tuple(geom.shape):
+        raise InputError(f"write_nifti_mask: mask {mask.shape} does not match the grid {geom.shape}")
+    return write_nifti(path, mask.T[:, :, None], nifti_affine(geom))
+
+
+def _same_grid(a: Geometry, b: Geometry) -> bool:
+    """Every pixel centre of ``a`` within 1% of a pixel of ``b``'s (same shape)."""
+    if tuple(a.shape) != tuple(b.shape):
+        return False
+    ca, cb = pixel_centres_mm(a), pixel_centres_mm(b)
+    corners = (0, -1)
+    d = max(float(np.linalg.norm(ca[i, j] - cb[i, j])) for i in corners for j in corners)
+    return d < 0.01 * min(min(a.pixel_spacing_mm), min(b.pixel_spacing_mm))
+
+
+def nifti_on_grid(img: NiftiImage, target: Geometry) -> np.ndarray:
+    """The NIfTI volume's slice in the target plane, nearest-neighbour on the target grid.
+
+    Returns:
+        (H, W) float32 on ``target``, zero outside the volume's field of view.
+
+    Raises:
+        InputError: the volume is oblique to the target plane, sheared, or no slice of it lies
+            in the target plane (:func:`vne.exam.geometry.planes_match`).
+    """
+    m = LPS_FROM_RAS @ img.affine[:3, :3]
+    t = LPS_FROM_RAS @ img.affine[:3, 3]
+    data = img.data
+    axes = [m[:, a] for a in range(3)]
+    norms = [float(np.linalg.norm(v)) for v in axes]
+    if norms[0] < 1e-9 or norms[1] < 1e-9:
+        raise InputError(f"{img.path}: degenerate NIfTI orientation")
+    normal = np.asarray(target.slice_dir, float)
+    cos = [abs(float(axes[a] @ normal)) / norms[a] if norms[a] > 1e-9 else 0.0 for a in range(3)]
+    if norms[2] < 1e-9:  # a 2D file with a zero third column
+        if data.shape[2] != 1:
+            raise InputError(f"{img.path}: degenerate NIfTI orientation")
+        cos[2] = 1.0
+    # one slice: i and j are in plane; a stack: the axis closest to the T1 normal is the slice axis
+    k_axis = 2 if data.shape[2] == 1 else int(np.argmax(cos))
+    a_axis, b_axis = [a for a in range(3) if a != k_axis]
+    read = axes[a_axis] / norms[a_axis]
+    phase = axes[b_axis] / norms[b_axis]
+    na, nb = data.shape[a_axis], data.shape[b_axis]
+    best, best_d, why = None, np.inf, "no slice"
+    for k in range(data.shape[k_axis]):
+        idx = np.zeros(3)
+        idx[k_axis] = k
+        idx[a_axis] = (na - 1) / 2.0
+        idx[b_axis] = (nb - 1) / 2.0
+        centre = t + m @ idx
+        g = Geometry(position_mm=tuple(float(v) for v in centre), read_dir=tuple(float(v) for v in read),
+                     phase_dir=tuple(float(v) for v in phase), pixel_spacing_mm=(norms[b_axis], norms[a_axis]),
+                     shape=(nb, na), slice_thickness_mm=norms[k_axis] if norms[k_axis] > 1e-9 else 1.0)
+        try:
+            g.validate()
+        except InputError as exc:
+            raise InputError(f"{img.path}: {exc} (a sheared NIfTI grid)") from None
+        ok, why_k = planes_match(g, target)
+        if not ok:
+            why = why_k
+            continue
+        d = plane_distance_mm(g, target)
+        if d < best_d:
+            best, best_d = (k, g), d
+    if best is None:
+        raise InputError(f"{img.path}: no slice of the mask volume lies in the T1 map plane ({why})")
+    k, g = best
+    pixels = np.asarray(np.take(data, k, axis=k_axis).T, np.float32)  # (a, b) -> (nb, na): rows along b
+    if _same_grid(g, target):
+        return pixels
+    out, inside = resample_to_grid(pixels, g, target, order=0)
+    if not inside.any():
+        raise InputError(f"{img.path}: the mask does not overlap the T1 map's field of view")
+    return out
+
+
+# ----------------------------------------------------------------------------- DICOM-SEG
+
+
+@dataclass
+class SegFrame:
+    """One frame of a segmentation: its segment, plane (None if not given) and referenced images."""
+
+    index: int
+    segment: int
+    geometry: Geometry | None
+    refs: frozenset[str]
+
+
+@dataclass
+class SegSegment:
+    number: int
+    label: str
+    description: str = ""
+    property_type: str = ""
+
+
+@dataclass
+class DicomSeg:
+    """The header of a DICOM Segmentation object (pixels are read on demand)."""
+
+    path: Path
+    segments: dict[int, SegSegment]
+    frames: list[SegFrame]
+    rows: int
+    columns: int
+    fractional: bool
+    max_fractional: float
+    frame_of_reference_uid: str
+    study_uid: str
+    referenced: frozenset[str]
+    _pixels: np.ndarray | None = field(default=None, repr=False)
+
+    def pixels(self) -> np.ndarray:
+        """(frames, rows, columns): 0/1 for BINARY, the fraction 0..1 for FRACTIONAL."""
+        if self._pixels is None:
+            import pydicom
+
+            try:
+                ds = pydicom.dcmread(self.path)
+                px = np.asarray(ds.pixel_array)
+            except Exception as exc:  # pydicom raises many types for broken pixel data
+                raise InputError(f"{self.path}: unreadable segmentation pixel data ({exc.__class__.__name__}: {exc})") from None
+            if px.ndim == 2:
+                px = px[None]
+            if px.shape != (len(self.frames), self.rows, self.columns):
+                raise InputError(f"{self.path}: pixel data {px.shape} do not match {len(self.frames)} frames of "
+                                 f"{self.rows}x{self.columns}")
+            px = px.astype(np.float32)
+            if self.fractional:
+                px = px / self.max_fractional
+            self._pixels = px
+        return self._pixels
+
+
+def _item(fg, shared, seq: str):
+    for group in (fg, shared):
+        if group is not None and seq in group and len(group[seq].value):
+            return group[seq].value[0]
+    return None
+
+
+def _code_meaning(ds) -> str:
+    seq = ds.get("SegmentedPropertyTypeCodeSequence")
+    return str(seq[0].get("CodeMeaning", "")) if seq else ""
+
+
+def read_dicom_seg(path, ds=None) -> DicomSeg:
+    """The segments and frames of a DICOM-SEG file (``ds``: its dataset, if already read).
+
+    Raises:
+        InputError: not a Segmentation Storage object, a LABELMAP segmentation, or frames
+            without a segment number.
+    """
+    import pydicom
+
+    path = Path(path)
+    if ds is None:
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception as exc:
+            raise InputError(f"{path}: not a readable DICOM file ({exc.__class__.__name__}: {exc})") from None
+    if str(ds.get("SOPClassUID", "")) != SEGMENTATION_STORAGE:
+        raise InputError(f"{path}: not a DICOM Segmentation (SOPClassUID {ds.get('SOPClassUID', 'missing')})")
+    seg_type = str(ds.get("SegmentationType", "BINARY")).upper()
+    if seg_type not in ("BINARY", "FRACTIONAL"):
+        raise InputError(f"{path}: {seg_type} segmentations are not supported (need BINARY or FRACTIONAL: the masks overlap)")
+    segments = {}
+    for s in ds.get("SegmentSequence", []):
+        n = int(s.SegmentNumber)
+        segments[n] = SegSegment(n, str(s.get("SegmentLabel", "")), str(s.get("SegmentDescription", "") or ""), _code_meaning(s))
+    if not segments:
+        raise InputError(f"{path}: segmentation has no SegmentSequence")
+    shared = ds.SharedFunctionalGroupsSequence[0] if ds.get("SharedFunctionalGroupsSequence") else None
+    per_frame = list(ds.get("PerFrameFunctionalGroupsSequence", []))
+    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if per_frame and len(per_frame) != n_frames:
+        raise InputError(f"{path}: {len(per_frame)} per-frame functional groups for {n_frames} frames")
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    frames = []
+    referenced = set()
+    for f in range(n_frames):
+        fg = per_frame[f] if per_frame else None
+        ident = _item(fg, shared, "SegmentIdentificationSequence")
+        if ident is None or "ReferencedSegmentNumber" not in ident:
+            if len(segments) != 1:
+                raise InputError(f"{path}: frame {f + 1} has no ReferencedSegmentNumber")
+            number = next(iter(segments))
+        else:
+            number = int(ident.ReferencedSegmentNumber)
+        refs = set()
+        for group in (fg, shared):
+            for der in (group.get("DerivationImageSequence", []) if group is not None else []):
+                for src in der.get("SourceImageSequence", []):
+                    if "ReferencedSOPInstanceUID" in src:
+                        refs.add(str(src.ReferencedSOPInstanceUID))
+        referenced |= refs
+        geom = None
+        pos, ori, meas = (_item(fg, shared, s) for s in ("PlanePositionSequence", "PlaneOrientationSequence", "PixelMeasuresSequence"))
+        try:
+            ipp = [float(v) for v in pos.ImagePositionPatient]
+            iop = [float(v) for v in ori.ImageOrientationPatient]
+            dy, dx = (float(v) for v in meas.PixelSpacing)
+            thick = float(meas.get("SliceThickness", 0) or 0)
+            centre = centre_from_first_pixel(ipp, iop[:3], iop[3:], (dy, dx), (rows, cols))
+            geom = Geometry(position_mm=tuple(float(c) for c in centre), read_dir=tuple(iop[:3]), phase_dir=tuple(iop[3:]),
+                            pixel_spacing_mm=(dy, dx), shape=(rows, cols), slice_thickness_mm=thick if thick > 0 else 8.0)
+            geom.validate()
+            geom = geom.normalised()
+        except (AttributeError, TypeError, ValueError, InputError):
+            geom = None
+        frames.append(SegFrame(f, number, geom, frozenset(refs)))
+    for rs in ds.get("ReferencedSeriesSequence", []):
+        for ri in rs.get("ReferencedInstanceSequence", []):
+            if "ReferencedSOPInstanceUID" in ri:
+                referenced.add(str(ri.ReferencedSOPInstanceUID))
+    max_frac = float(ds.get("MaximumFractionalValue", 255) or 255) if seg_type == "FRACTIONAL" else 1.0
+    return DicomSeg(path=path, segments=segments, frames=frames, rows=rows, columns=cols, fractional=seg_type == "FRACTIONAL",
+                    max_fractional=max_frac, frame_of_reference_uid=str(ds.get("FrameOfReferenceUID", "")),
+                    study_uid=str(ds.get("StudyInstanceUID", "")), referenced=frozenset(referenced))
+
+
+def seg_covers(seg: DicomSeg, t1: MRImage) -> bool:
+    """Whether ``seg`` segments this T1 map: it references the instance, or a frame lies on it."""
+    sop = str(t1.meta.get("SOPInstanceUID", ""))
+    return bool(sop and sop in seg.referenced) or bool(seg_frames_for(seg, t1))
+
+
+def seg_frames_for(seg: DicomSeg, t1: MRImage) -> list[SegFrame]:
+    """The frames of ``seg`` on the T1 map: those referencing it, else those in its plane."""
+    sop = str(t1.meta.get("SOPInstanceUID", ""))
+    by_ref = [f for f in seg.frames if sop and sop in f.refs]
+    if by_ref:
+        return by_ref
+    same_space = ((seg.frame_of_reference_uid and seg.frame_of_reference_uid == t1.frame_of_reference_uid)
+                  or (not (seg.frame_of_reference_uid and t1.frame_of_reference_uid) and seg.study_uid and seg.study_uid == t1.study_uid))
+    if not same_space:
+        return []
+    target = t1.geometry
+    matching = [(plane_distance_mm(f.geometry, target), f) for f in seg.frames
+                if f.geometry is not None and planes_match(f.geometry, target)[0]]
+    if not matching:
+        return []
+    best = min(matching, key=lambda x: x[0])[1]
+    return [f for _, f in matching if same_plane(f.geometry, best.geometry)]
+
+
+def _assign_segments(segs: list[DicomSeg], names) -> tuple[dict[str, tuple[DicomSeg, int]], str]:
+    """Role -> (seg, segment number): by SegmentLabel first; roles still unmatched then by
+    SegmentDescription, then by the property type's CodeMeaning (segments not yet taken)."""
+    found: dict[str, list[tuple[DicomSeg, int]]] = {}
+    taken: set[tuple[int, int]] = set()
+    for attr in ("label", "description", "property_type"):
+        new: dict[str, list[tuple[DicomSeg, int]]] = {}
+        for seg in segs:
+            for n, s in seg.segments.items():
+                text = getattr(s, attr)
+                role = _role_of(text, names) if text and (id(seg), n) not in taken else None
+                if role is not None and role not in found:
+                    new.setdefault(role, []).append((seg, n))
+        for role, hits in new.items():
+            found[role] = hits
+            taken.update((id(seg), n) for seg, n in hits)
+    out = {}
+    for role in ROLES:
+        hits = found.get(role, [])
+        if len(hits) > 1:
+            labels = ", ".join(f"'{seg.segments[n].label}' ({seg.path.name} #{n})" for seg, n in hits)
+            raise InputError(f"DICOM-SEG: {len(hits)} segments could be the {role} mask: {labels}")
+        if hits:
+            out[role] = hits[0]
+    available = "; ".join(f"{seg.path.name}: " + ", ".join(f"'{s.label}'" for s in seg.segments.values()) for seg in segs)
+    return out, available
+
+
+def seg_masks(segs: Sequence[DicomSeg], t1: MRImage, names=None, threshold: float = DEFAULT_THRESHOLD) -> SliceMasks:
+    """The masks of one T1 map from one or more DICOM-SEG objects of its study.
+
+    Raises:
+        MasksNotFound: none of them references the T1 map or has a frame on it (a SEG that
+            references it has an empty segment where it has no frame).
+        InputError: a required segment is missing or empty, or a referencing frame is off the plane.
+    """
+    names = mask_names(names)
+    target = t1.geometry
+    on = [(seg, seg_frames_for(seg, t1)) for seg in segs if seg_covers(seg, t1)]
+    if not on:
+        raise MasksNotFound(f"no DICOM-SEG frame lies on T1 map {t1.meta.get('SOPInstanceUID', t1.source)}")
+    used = [seg for seg, _ in on]
+    assignment, available = _assign_segments(used, names)
+    src = ", ".join(str(seg.path) for seg in used)
+    missing = [r for r in REQUIRED if r not in assignment]
+    if missing:
+        raise InputError(f"{src}: no segment labelled as {' / '.join(missing)} (segments: {available}); "
+                         "pass the segment names that the file uses")
+    values: dict[str, np.ndarray] = {}
+    frames_of = {id(seg): fr for seg, fr in on}
+    for role, (seg, number) in assignment.items():
+        acc = np.zeros(target.shape, np.float32)
+        for f in frames_of[id(seg)]:
+            if f.segment != number:
+                continue
+            px = seg.pixels()[f.index]
+            if f.geometry is not None:
+                ok, why = planes_match(f.geometry, target)
+                if not ok:
+                    raise InputError(f"{seg.path}: frame {f.index + 1} references the T1 map but is off its plane ({why})")
+                on_grid = px if _same_grid(f.geometry, target) else resample_to_grid(px, f.geometry, target, order=0)[0]
+            elif px.shape == tuple(target.shape):
+                on_grid = px
+            else:
+                raise InputError(f"{seg.path}: frame {f.index + 1} has no plane position and is {px.shape}, "
+                                 f"the T1 map is {tuple(target.shape)}")
+            acc = np.maximum(acc, on_grid)
+        values[role] = acc
+    return masks_from_values(values, target.shape, src, threshold)
+
+
+# ----------------------------------------------------------------------------- folders
+
+
+def t1_slice_order(images: Iterable[MRImage]) -> list[MRImage]:
+    """The distinct T1 maps of one exam in slice-index order (``s0, s1, ...``).
+
+    Order: (SeriesNumber, SeriesInstanceUID, InstanceNumber, file) as :func:`vne.io.dicom.read_dicom_folder`
+    sorts an exam; a repeated T1 map (same series and position) counts once, as in
+    :func:`vne.prepare.slices.build_slices`.
+    """
+    def num(im, key):
+        try:
+            return int(float(im.meta.get(key, 0)))
+        except (TypeError, ValueError):
+            return 0
+
+    t1s = sorted((im for im in images if im.role == Role.T1_MAP),
+                 key=lambda im: (num(im, "SeriesNumber"), im.series, num(im, "InstanceNumber"), im.source))
+    out, seen = [], set()
+    for im in t1s:
+        k = (im.series, tuple(np.round(im.geometry.position_mm, 2)))
+        if k not in seen:
+            seen.add(k)
+            out.append(im)
+    return out
+
+
+def _mask_file_role(stem: str, tokens: list[tuple[str, str]]) -> tuple[str, str] | None:
+    low = stem.lower()
+    for token, role in tokens:
+        if low.endswith("_" + token):
+            return stem[: -len(token) - 1], role
+    return None
+
+
+def _suffix(name: str) -> str:
+    low = name.lower()
+    for s in (".nii.gz", ".npz", ".npy", ".nii"):
+        if low.endswith(s):
+            return s
+    return ""
+
+
+class MaskStore:
+    """A masks folder (or one masks file), indexed once, answering :meth:`load` per T1 map.
+
+    Args:
+        root: a folder laid out as in the module docstring, or one ``.npz`` or DICOM-SEG file.
+        names: mask -> accepted names, replacing :data:`DEFAULT_NAMES` for the masks given.
+        threshold: a pixel is in a mask when its value is at least this.
+
+    Raises:
+        InputError: ``root`` does not exist.
+    """
+
+    def __init__(self, root, names: Mapping[str, Sequence[str]] | None = None, threshold: float = DEFAULT_THRESHOLD) -> None:
+        self.root = Path(root)
+        if not self.root.exists():
+            raise InputError(f"masks {self.root} do not exist")
+        self.names = mask_names(names)
+        self.threshold = float(threshold)
+        tokens = [(a.replace(" ", "_"), role) for role, aliases in self.names.items() for a in aliases]
+        self._tokens = sorted(tokens, key=lambda t: -len(t[0]))
+        self.npz: dict[str, Path] = {}                      # "<rel stem>" -> file
+        self.mask_files: dict[str, dict[str, Path]] = {}     # "<rel stem>" -> role -> file
+        self.segs: list[DicomSeg] = []
+        self._npz_keys: dict[Path, list[str]] = {}
+        self.single_file = self.root.is_file()
+        files = [self.root] if self.single_file else self._walk()
+        for f in files:
+            self._index(f)
+        log.info("masks %s: %d .npz, %d per-mask stems, %d DICOM-SEG", self.root, len(self.npz), len(self.mask_files), len(self.segs))
+
+    def _walk(self) -> list[Path]:
+        out = []
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            dirnames.sort()
+            out.extend(Path(dirpath) / f for f in sorted(filenames) if not f.startswith("."))
+        return out
+
+    def _rel(self, f: Path, suffix: str) -> str:
+        rel = f.name if self.single_file else f.relative_to(self.root).as_posix()
+        return rel[: len(rel) - len(suffix)]
+
+    def _index(self, f: Path) -> None:
+        suffix = _suffix(f.name)
+        if suffix == ".npz":
+            self.npz[self._rel(f, suffix)] = f
+            return
+        if suffix in _MASK_FILE_SUFFIXES:
+            hit = _mask_file_role(self._rel(f, suffix), self._tokens)
+            if hit is None:
+                log.debug("masks: %s is not named <key>_<mask>%s; ignored", f, suffix)
+                return
+            stem, role = hit
+            files = self.mask_files.setdefault(stem, {})
+            if role in files:
+                raise InputError(f"two {role} masks for '{stem}': {files[role]} and {f}")
+            files[role] = f
+            return
+        if f.name.lower().endswith(_NOT_DICOM_SUFFIXES):
+            return
+        import pydicom
+
+        try:
+            ds = pydicom.dcmread(f, stop_before_pixels=True)
+        except Exception:  # not DICOM (or unreadable): not a mask file
+            log.debug("masks: %s is not a DICOM file; ignored", f)
+            return
+        sop_class = str(ds.get("SOPClassUID", ""))
+        if sop_class == SEGMENTATION_STORAGE:
+            self.segs.append(read_dicom_seg(f, ds))
+        elif sop_class == LABEL_MAP_SEGMENTATION_STORAGE:
+            raise InputError(f"{f}: a label-map segmentation cannot hold overlapping masks (remote lies inside the "
+                             "myocardium); save it as a BINARY or FRACTIONAL segmentation")
+        else:
+            log.debug("masks: %s is DICOM but not a segmentation; ignored", f)
+
+    def _npz_arrays(self, path: Path) -> list[str]:
+        if path not in self._npz_keys:
+            try:
+                with np.load(path, allow_pickle=False) as z:
+                    self._npz_keys[path] = list(z.files)
+            except Exception as exc:
+                raise InputError(f"{path}: unreadable .npz ({exc.__class__.__name__}: {exc})") from None
+        return self._npz_keys[path]
+
+    def _load_npz(self, path: Path, shape, prefix: str = "") -> SliceMasks:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files if k.startswith(prefix)}
+        by_role = _arrays_by_role(arrays, self.names, str(path), prefix)
+        src = f"{path}[{prefix}*]" if prefix else str(path)
+        return masks_from_values(by_role, shape, src, self.threshold)
+
+    def _load_files(self, files: dict[str, Path], target: Geometry, stem: str) -> SliceMasks:
+        values = {}
+        for role, f in files.items():
+            if f.name.lower().endswith(".npy"):
+                try:
+                    values[role] = np.load(f, allow_pickle=False)
+                except Exception as exc:
+                    raise InputError(f"{f}: unreadable .npy ({exc.__class__.__name__}: {exc})") from None
+            else:
+                values[role] = nifti_on_grid(read_nifti(f), target)
+        return masks_from_values(values, target.shape, f"{self.root / stem}_*", self.threshold)
+
+    def sources(self, t1: MRImage, slice_index: int | None = None, study_keys: Sequence[str] = ()) -> list[tuple]:
+        """Every place that holds masks for this T1 map: (kind, where, detail) tuples."""
+        sop = str(t1.meta.get("SOPInstanceUID", "") or "")
+        slices = [k for k in (sop, f"s{slice_index}" if slice_index is not None else "") if k]
+        studies = [k for k in dict.fromkeys(str(s) for s in study_keys if s)]
+        found: list[tuple] = []
+        if self.single_file and self.npz:  # one .npz: named arrays, or arrays prefixed <uid or s<k>>_
+            path = next(iter(self.npz.values()))
+            keys = self._npz_arrays(path)
+            if any(_role_of(k, self.names) for k in keys):
+                found.append(("npz", path, ""))
+            for sk in slices:
+                if any(k.startswith(sk + "_") and _role_of(k[len(sk) + 1:], self.names) for k in keys):
+                    found.append(("npz", path, sk + "_"))
+            return found
+        stems = ([sop] if sop else []) + [f"{st}/{sk}" for st in studies for sk in slices]
+        for stem in stems:
+            if stem in self.npz:
+                found.append(("npz", self.npz[stem], ""))
+            if stem in self.mask_files:
+                found.append(("files", stem, ""))
+        for st in studies:
+            path = self.npz.get(st)
+            if path is None:
+                continue
+            keys = self._npz_arrays(path)
+            for sk in slices:
+                if any(k.startswith(sk + "_") and _role_of(k[len(sk) + 1:], self.names) for k in keys):
+                    found.append(("npz", path, sk + "_"))
+        segs = [seg for seg in self.segs if seg_covers(seg, t1)]
+        if segs:
+            found.append(("seg", tuple(segs), ""))
+        return found
+
+    def load(self, t1: MRImage, slice_index: int | None = None, study_keys: Sequence[str] = ()) -> SliceMasks:
+        """The masks of one T1 map on its grid.
+
+        Args:
+            t1: the T1 map (its SOPInstanceUID, geometry and frame of reference are used).
+            slice_index: its index in the study (:func:`t1_slice_order`), for ``s<k>`` names.
+            study_keys: names of its study folder / study .npz (exam folder, PatientID, StudyInstanceUID).
+
+        Raises:
+            MasksNotFound: nothing in the masks covers this T1 map.
+            InputError: the masks found are unusable, or found in more than one place.
+        """
+        if t1.pixels is not None and np.shape(t1.pixels) != tuple(t1.geometry.shape):
+            raise InputError(f"T1 map {t1.source}: pixels {np.shape(t1.pixels)} do not match its geometry")
+        found = self.sources(t1, slice_index, study_keys)
+        sop = t1.meta.get("SOPInstanceUID", "") or t1.source
+        if not found:
+            looked = f"SOPInstanceUID {sop}" + (f", s{slice_index}" if slice_index is not None else "")
+            if study_keys:
+                looked += f" under {' / '.join(str(s) for s in study_keys if s)}"
+            raise MasksNotFound(f"no masks for T1 map {looked} in {self.root}")
+        if len(found) > 1:
+            where = "; ".join(self._describe(s) for s in found)
+            raise InputError(f"masks for T1 map {sop} found in {len(found)} places ({where}); keep one")
+        kind, where, prefix = found[0]
+        if kind == "npz":
+            m = self._load_npz(where, t1.geometry.shape, prefix)
+        elif kind == "files":
+            m = self._load_files(self.mask_files[where], t1.geometry, where)
+        else:
+            m = seg_masks(list(where), t1, self.names, self.threshold)
+        log.debug("masks for %s from %s", sop, m.source)
+        return m
+
+    def _describe(self, s) -> str:
+        kind, where, prefix = s
+        if kind == "seg":
+            return ", ".join(str(seg.path) for seg in where)
+        if kind == "files":
+            return f"{self.root / where}_*"
+        return f"{where}[{prefix}*]" if prefix else str(where)
+
+
+def load_masks(masks, t1: MRImage, *, slice_index: int | None = None, study_keys: Sequence[str] = (),
+               names: Mapping[str, Sequence[str]] | None = None, threshold: float = DEFAULT_THRESHOLD) -> SliceMasks:
+    """The masks of one T1 map from a masks folder or file (a one-off :class:`MaskStore`)."""
+    return MaskStore(masks, names, threshold).load(t1, slice_index=slice_index, study_keys=study_keys)
+
+
+_TRUE = {"1", "true", "yes", "y", "t"}
+_FALSE = {"0", "false", "no", "n", "f"}
+
+
+def read_lesion_free_csv(path) -> dict[str, bool]:
+    """PatientID -> lesion-free, from a CSV with a header naming ``patient_id`` (or
+    ``PatientID``) and ``lesion_free`` columns; values 1/0, true/false or yes/no.
+
+    Raises:
+        InputError: a missing column, an unreadable value or a patient listed twice.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except OSError as exc:
+        raise InputError(f"{path}: unreadable ({exc})") from None
+    rows = list(csv.DictReader(text.splitlines()))
+    if not rows:
+        raise InputError(f"{path}: no rows (need a header with patient_id,lesion_free)")
+    cols = {normalise_name(c): c for c in rows[0] if c is not None}
+    pid = cols.get("patient id") or cols.get("patientid")
+    free = cols.get("lesion free")
+    if not pid or not free:
+        raise InputError(f"{path}: need columns patient_id and lesion_free (has: {', '.join(rows[0])})")
+    out: dict[str, bool] = {}
+    for n, row in enumerate(rows, start=2):
+        p, v = (row.get(pid) or "").strip(), (row.get(free) or "").strip().lower()
+        if not p:
+            continue
+        if v not in _TRUE | _FALSE:
+            raise InputError(f"{path}:{n}: lesion_free '{row.get(free)}' is not 1/0, true/false or yes/no")
+        if p in out:
+            raise InputError(f"{path}:{n}: patient {p} is listed twice")
+        out[p] = v in _TRUE
+    return out

@@ -1,0 +1,128 @@
+"""Where the model looks: the heart window of a slice, and the VNE pasted back onto the T1 grid.
+
+The network's cost is proportional to the pixels it is run on, and the heart fills about a
+tenth of a T1 grid. The gadget therefore runs it on a window around the heart only
+(:func:`model_window`) and pastes the result into a full T1-grid image whose other pixels hold
+:data:`BACKGROUND_VNE` (:func:`paste`); the output keeps the T1 map's grid and geometry.
+
+The window rule (one definition, used by the gadget, ``benchmarks/fov_sensitivity.py`` and the
+golden tests):
+
+* the heart region is the quality guard's: the LV blood pool found in the T1 map (with the
+  cine's motion), dilated by 20 mm (:func:`vne.runtime.qc.find_lv`, ``LVRegions.heart``), joined with
+  where the cine moves (:func:`moving_region`). The LV finder alone is not enough: on 1 of 91
+  held-out simulator slices it settled on another blood pool ringed by myocardium-like T1
+  (the guard still passed it), and a window around that left part of the myocardium out. The
+  beating heart is what moves in a breath-held cine, so the window follows the motion too, and
+  grows to the whole grid when the motion is everywhere;
+* the window holds that region with :data:`CONTEXT_MARGIN_PX` pixels to spare on every side and
+  is at least :data:`MIN_WINDOW_PX` square: the size of the heart-centred windows the generator
+  was trained on (the training cache writes 160-pixel windows, ``vne.simulate.writers``);
+* its sides are multiples of the model's ``pad_multiple``, grown with real image content
+  (centred on the heart, shifted to stay inside the grid), so no zero padding is needed unless
+  the grid itself is smaller; it starts on a row and column that are multiples of
+  :data:`ALIGN` (16, the generator's total stride), so every downsampled feature map of the window
+  samples the same pixels as on the full grid (an 8-pixel shift alone moves the VNE by up to
+  ~0.05 inside the myocardium: the network is shift-invariant only approximately);
+* no heart region (the guard found no LV): the whole grid, as before.
+
+Everything the guard reads lies inside the heart region, so the guard's verdict is the same as
+on the full grid. The VNE inside the window is close to, not identical with, full-grid
+inference: the generator scales its cine and IR inputs by one intensity statistic per image
+(``robust_scale``), which the window changes; ``benchmarks/fov_sensitivity.py`` measures the
+difference inside the myocardium and the burden agreement both ways.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..exam.resampling import Window, full_window
+
+ALIGN = 16             # window starts: multiples of the generator's total stride
+MIN_WINDOW_PX = 160
+CONTEXT_MARGIN_PX = 16
+# moving: temporal SD > 3x the median SD of the cine's body pixels (vne.runtime.qc.cine_motion), after a
+# 2-pixel opening (lone noisy or flowing pixels do not count)
+MOTION_THRESHOLD = 3.0
+MOTION_OPENING_PX = 2
+# The model's output where there is no tissue: measured median of 0.3.0's full-grid VNE over the
+# pixels without T1 (air) on held-out simulator exams, 0.0004-0.0011 (5-95 %: -0.005..0.010),
+# i.e. the remote-myocardium level of normalised PSIR.
+BACKGROUND_VNE = 0.0
+
+
+def _span(lo: int, hi: int, size: int, n: int, multiple: int) -> slice:
+    """A run of at least ``size`` pixels (a multiple of ``multiple``, else all ``n``) that holds
+    [lo, hi) (clipped to the grid), about centred on it, starting on a multiple of :data:`ALIGN`."""
+    lo, hi = max(lo, 0), min(hi, n)
+    step = int(np.lcm(multiple, ALIGN))
+    size = int(np.ceil(size / multiple) * multiple)
+    while size < n:
+        start = min(max(int(round((lo + hi - size) / 2)), 0), n - size)
+        start -= start % ALIGN
+        if start <= lo and hi <= start + size:
+            return slice(start, start + size)
+        size += step  # the aligned start cut the run short of hi: one step larger
+    return slice(0, n)
+
+
+def moving_region(motion: np.ndarray | None) -> np.ndarray | None:
+    """(H, W) bool: where the cine moves (:data:`MOTION_THRESHOLD`), from its motion map
+    (:func:`vne.runtime.qc.cine_motion`); None without one."""
+    if motion is None:
+        return None
+    from scipy import ndimage
+
+    return ndimage.binary_opening(motion > MOTION_THRESHOLD, iterations=MOTION_OPENING_PX)
+
+
+def model_window(heart: np.ndarray | None, shape: tuple[int, int], multiple: int,
+                 min_size: int = MIN_WINDOW_PX, margin: int = CONTEXT_MARGIN_PX) -> Window:
+    """The window the model runs on (module docstring).
+
+    Args:
+        heart: (H, W) bool heart region on the T1 grid, or None.
+        shape: the T1 grid (H, W).
+        multiple: the model's ``pad_multiple``.
+
+    Returns:
+        (rows, cols) slices of the T1 grid.
+    """
+    if heart is None or not np.any(heart):
+        return full_window(shape)
+    rows = np.flatnonzero(np.any(heart, axis=1))
+    cols = np.flatnonzero(np.any(heart, axis=0))
+    r0, r1 = int(rows[0]) - margin, int(rows[-1]) + 1 + margin
+    c0, c1 = int(cols[0]) - margin, int(cols[-1]) + 1 + margin
+    return (_span(r0, r1, max(r1 - r0, min_size), int(shape[0]), multiple),
+            _span(c0, c1, max(c1 - c0, min_size), int(shape[1]), multiple))
+
+
+def contains(window: Window, mask: np.ndarray, margin: int = 0) -> bool:
+    """Whether every pixel of ``mask`` lies inside ``window``, ``margin`` pixels from its edges
+    (edges that are the grid's own count as far away)."""
+    rows = np.flatnonzero(np.any(mask, axis=1))
+    cols = np.flatnonzero(np.any(mask, axis=0))
+    if not rows.size:
+        return True
+    ny, nx = mask.shape
+    r, c = window
+    lo_r = r.start + (margin if r.start > 0 else 0)
+    hi_r = r.stop - (margin if r.stop < ny else 0)
+    lo_c = c.start + (margin if c.start > 0 else 0)
+    hi_c = c.stop - (margin if c.stop < nx else 0)
+    return lo_r <= rows[0] and rows[-1] < hi_r and lo_c <= cols[0] and cols[-1] < hi_c
+
+
+def paste(values: np.ndarray, window: Window, shape: tuple[int, int],
+          background: float = BACKGROUND_VNE) -> np.ndarray:
+    """(H, W) float32: ``values`` inside ``window``, ``background`` elsewhere."""
+    out = np.full(shape, background, np.float32)
+    out[window] = values
+    return out
+
+
+def describe(window: Window, shape: tuple[int, int]) -> str:
+    """``rows 64-223, cols 80-239 of 246x302`` (for the image meta and logs)."""
+    r, c = window
+    return f"rows {r.start}-{r.stop - 1}, cols {c.start}-{c.stop - 1} of {shape[0]}x{shape[1]}"

@@ -1,0 +1,193 @@
+"""One slice from matched images to VNE, computing only what the model looks at.
+
+:func:`prepare` takes a matched :class:`~vne.exam.SliceSet` to the model's inputs:
+
+1. the cine frames onto the T1 grid, on the cine's footprint only (the bounding box of the
+   cine field of view on the T1 grid; zero outside, as on the full grid), with the resampling
+   operator cached per geometry pair (:mod:`vne.exam.resampling`), then to the model's cycle
+   (:func:`vne.prepare.contract.cine_cycle`);
+2. the LV and heart region from the T1 map and the cine's motion (:func:`vne.runtime.qc.find_lv`, the
+   quality guard's own finder), joined with where the cine moves (:func:`vne.prepare.roi.moving_region`);
+3. the model's window around both (:func:`vne.prepare.roi.model_window`);
+4. the IR images onto the window only, and their signs restored there only
+   (:func:`vne.t1.restore_polarity`, with the background threshold of the whole images, so each
+   pixel gets the sign it would get on the full grid).
+
+The quality guard then reads the window (:func:`vne.runtime.qc.check_inputs` with ``window=``: the same
+verdict as on the full grid), :func:`predict` runs the model on the window and pastes the VNE
+into a full T1-grid image (:func:`vne.prepare.roi.paste`). Each step's time is kept in
+:attr:`Prepared.timings` (ms), which the pipeline logs and ``benchmarks/profile_slice.py`` prints.
+
+:func:`vne.prepare.slices.on_t1_grid` remains the full-grid path for training caches and evaluation.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..prepare import roi
+from ..prepare.contract import ModelContract, cine_cycle, inputs_from_cycle
+from ..errors import InputError
+from ..exam.data import MRImage, SliceSet
+from ..exam.resampling import Window, grid_map
+
+log = logging.getLogger(__name__)
+
+MIN_CINE_COVERAGE = 0.05   # of the T1 grid: below this the cine does not overlap the T1 map
+
+
+@dataclass
+class Prepared:
+    """One slice ready for the model.
+
+    Attributes:
+        x: the model's inputs on ``window`` (batch of 1).
+        window: (rows, cols) of the T1 grid the model runs on.
+        shape: the T1 grid (H, W).
+        lv: the LV regions found (:class:`vne.runtime.qc.LVRegions`), or None.
+        lv_error: why the LV finder failed (an exception), else "".
+        cine_coverage: fraction of the T1 grid inside the cine's field of view.
+        timings: ms per step.
+    """
+
+    key: str
+    t1: MRImage
+    t1_map_ms: np.ndarray
+    x: dict
+    window: Window
+    shape: tuple[int, int]
+    lv: object
+    lv_error: str
+    pixel_mm: float
+    cine_coverage: float
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def full_grid(self) -> bool:
+        return (self.window[0].stop - self.window[0].start, self.window[1].stop - self.window[1].start) == self.shape
+
+
+def _stack(images: list[MRImage], what: str) -> np.ndarray:
+    src = images[0].geometry
+    for im in images:
+        if np.shape(im.pixels) != im.geometry.shape:
+            raise InputError(f"{im.source or im.series}: pixel array {np.shape(im.pixels)} does not match its "
+                             f"geometry {im.geometry.shape}")
+        if im.geometry.shape != src.shape:
+            raise InputError(f"{what} of one slice have mixed shapes: {sorted({i.geometry.shape for i in images})}")
+    if not all(im.geometry == src for im in images):
+        log.debug("%s of one slice differ slightly in geometry; the first one's is used", what)
+    return np.stack([np.asarray(im.pixels, np.float32) for im in images])
+
+
+def _crop_or_zero(stack: np.ndarray, have: Window, want: Window) -> np.ndarray:
+    """``want`` of an image that is ``stack`` on ``have`` and zero elsewhere."""
+    out = np.zeros((stack.shape[0], want[0].stop - want[0].start, want[1].stop - want[1].start), np.float32)
+    r0, r1 = max(have[0].start, want[0].start), min(have[0].stop, want[0].stop)
+    c0, c1 = max(have[1].start, want[1].start), min(have[1].stop, want[1].stop)
+    if r0 < r1 and c0 < c1:
+        out[:, r0 - want[0].start:r1 - want[0].start, c0 - want[1].start:c1 - want[1].start] = \
+            stack[:, r0 - have[0].start:r1 - have[0].start, c0 - have[1].start:c1 - have[1].start]
+    return out
+
+
+def prepare(contract: ModelContract, s: SliceSet, *, limits=None, pad_multiple: int | None = None) -> Prepared:
+    """The model's inputs for one matched slice, on the heart window (module docstring).
+
+    Raises:
+        InputError: non-finite data, mismatched shapes, or no usable overlap.
+    """
+    from .qc import DEFAULT_LIMITS, cine_motion, find_lv
+    from ..t1 import background_threshold, restore_polarity
+
+    limits = limits or DEFAULT_LIMITS
+    tm: dict[str, float] = {}
+    t0 = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal t0
+        t = time.perf_counter()
+        tm[name] = 1000.0 * (t - t0)
+        t0 = t
+
+    t1 = s.t1_map
+    target = t1.geometry
+    shape = tuple(int(v) for v in target.shape)
+    t1_ms = np.asarray(t1.pixels, np.float32)
+    if t1_ms.shape != shape:
+        raise InputError(f"{s.key}: T1 map pixels {t1_ms.shape} do not match its geometry {shape}")
+    if not np.all(np.isfinite(t1_ms)):
+        raise InputError(f"{s.key}: T1 map contains NaN or inf")
+    pixel_mm = float(np.mean(target.pixel_spacing_mm))
+
+    # 1. cine on its footprint, then on the model's cycle
+    cmap = grid_map(s.cine_frames[0].geometry, target)
+    coverage = float(cmap.inside.mean())
+    if cmap.bbox is None or coverage < MIN_CINE_COVERAGE:
+        raise InputError(f"{s.key}: the cine field of view does not overlap the T1 map")
+    cine_raw = _stack(s.cine_frames, "cine frames")
+    if not np.all(np.isfinite(cine_raw)):
+        raise InputError(f"{s.key}: cine frames contain NaN or inf")
+    trig = np.array([im.trigger_time_ms for im in s.cine_frames], np.float32)
+    rr = next((im.rr_interval_ms for im in s.cine_frames if im.rr_interval_ms), None)
+    cyc_box = cine_cycle(contract, cmap.apply(cine_raw, cmap.bbox), trig, rr)
+    lap("cine")
+
+    # 2. the LV (the guard's finder), 3. the window around its heart region
+    lv, lv_error, heart = None, "", None
+    try:
+        motion = cine_motion(cyc_box, shape, cmap.bbox)
+        lv = find_lv(t1_ms, pixel_mm, limits, motion=motion)
+        if lv is not None and lv.score >= limits.min_lv_score:
+            moving = roi.moving_region(motion)
+            heart = lv.heart if moving is None else lv.heart | moving
+    except Exception as exc:  # the guard reports it; the model then runs on the whole grid
+        log.exception("VNE: LV finder failed on %s", s.key)
+        lv_error = f"{exc.__class__.__name__}: {exc}"
+    window = roi.model_window(heart, shape, pad_multiple or contract.pad_multiple)
+    lap("heart")
+
+    # 4. IR images on the window, signs restored there
+    imap = grid_map(s.ir_images[0].geometry, target)
+    ir_raw = _stack(s.ir_images, "IR images")
+    ir_w = imap.apply(ir_raw, window)
+    ti = np.array([im.inversion_time_ms for im in s.ir_images], np.float32)
+    phase_w, threshold = None, None
+    if s.ir_phase:
+        pmap = grid_map(s.ir_phase[0].geometry, target)
+        ph = _stack(s.ir_phase, "IR phase images")
+        phase_w = np.arctan2(pmap.apply(np.sin(ph), window), pmap.apply(np.cos(ph), window)).astype(np.float32)
+        threshold = background_threshold(imap.apply(ir_raw) if not imap.identity else ir_raw)
+    ir_signed = restore_polarity(ir_w, ti, ir_phase=phase_w, t1_map_ms=t1_ms[window], min_mean_signal=threshold)
+    if not np.all(np.isfinite(ir_signed)):
+        raise InputError(f"{s.key}: IR images contain NaN or inf")
+    lap("ir_signs")
+
+    x = inputs_from_cycle(contract, t1_ms[window], ir_signed, ti, _crop_or_zero(cyc_box, cmap.bbox, window))
+    lap("inputs")
+    return Prepared(key=s.key, t1=t1, t1_map_ms=t1_ms, x=x, window=window, shape=shape, lv=lv, lv_error=lv_error,
+                    pixel_mm=pixel_mm, cine_coverage=coverage, timings=tm)
+
+
+def preload() -> None:
+    """Import what the first slice needs and the gadget's start does not (scipy.ndimage for the
+    LV finder, scipy.sparse for the resampling operators, the T1 fitting): ~0.25 s that a cold
+    process spends while its first images arrive rather than on its first slice."""
+    import scipy.ndimage  # noqa: F401
+    import scipy.sparse  # noqa: F401
+
+    from . import qc  # noqa: F401
+    from .. import t1  # noqa: F401
+
+
+def predict(model, p: Prepared) -> np.ndarray:
+    """The VNE of a prepared slice on the full T1 grid: the model on the window, pasted
+    (:func:`vne.prepare.roi.paste`). Adds ``model`` to :attr:`Prepared.timings`."""
+    t0 = time.perf_counter()
+    y = model.predict_many([p.x])[0]
+    vne = y if p.full_grid else roi.paste(y, p.window, p.shape)
+    p.timings["model"] = 1000.0 * (time.perf_counter() - t0)
+    return vne
