@@ -58,6 +58,7 @@ from . import inference
 from ..io.framing import RawImage  # noqa: F401  (re-exported: the gadget and tests take it from here)
 from ..errors import InputError
 from ..exam.data import MRImage, Role
+from ..exam.geometry import MATCH_MAX_DISTANCE_MM
 from .qc import DEFAULT_QC_ACTION, QC_ACTIONS, QCResult, check_inputs, check_output
 from ..exam.roles import DEFAULT_RULES, RoleRules, meta_values
 from ..prepare.slices import assemble, group_by_plane, slice_key
@@ -663,7 +664,7 @@ class VNEPipeline:
             return False, f"{s.key}: {len(s.ir_images)} IR images, the model ({self.model.name}) needs {c.n_ir_images}"
         if not final and not s.ir_phase:
             phases = [im for im in self._pool if im.role == Role.IR_PHASE]
-            if any(abs(float((np.asarray(g[0].geometry.position_mm) - np.asarray(t1.geometry.position_mm)) @ t1.geometry.slice_dir)) < 4.0
+            if any(abs(float((np.asarray(g[0].geometry.position_mm) - np.asarray(t1.geometry.position_mm)) @ t1.geometry.slice_dir)) < MATCH_MAX_DISTANCE_MM
                    for g in group_by_plane(phases)):
                 return False, f"{s.key}: waiting for the rest of the IR phase images"
         return True, ""
