@@ -11,6 +11,13 @@ so their thread pools do not compete. With CUDA present, GPU columns are added (
 float32 and autocast float16, ORT CUDA provider when installed). Also prints parameters and
 multiply-accumulates (FLOPs ≈ 2 × MACs) of the generator at that size.
 
+With ``--onnx MODEL`` (no torch needed) it times a shipped model instead, with the session
+options the runtime uses (:func:`vne.runtime.model.session_options`) and the alternatives they were chosen
+over, at the heart window's size (160x160) and at the padded full T1 grid (256x304 by default),
+the variants timed alternately so that each sees the same machine load:
+
+    python benchmarks/bench_inference.py --onnx models/vne-sim-0.3.0.onnx --runs 15
+
 Latency on a shared machine is noisy: compare rows of one run, and repeat.
 """
 from __future__ import annotations
@@ -24,14 +31,60 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-
-from training.checkpoint import load_checkpoint
-from training.export import write_onnx, example_inputs
-from training.networks import GeneratorConfig, VNEGenerator, count_macs, count_params, generator_from_checkpoint
-from training.train import load_config
 from vne.prepare.contract import INPUT_NAMES
+
+
+def onnx_options(path: Path, runs: int, warmup: int, full_hw: tuple[int, int]) -> int:
+    """Session-option variants of a shipped model, timed alternately (module docstring)."""
+    import onnxruntime as ort
+
+    from vne.runtime.model import VNEModel, session_options
+
+    contract = VNEModel(path, prefer_gpu=False).contract
+
+    def variant(**kw):
+        so = session_options(kw.get("intra"))
+        if "opt" in kw:
+            so.graph_optimization_level = kw["opt"]
+        if kw.get("no_arena"):
+            so.enable_cpu_mem_arena = False
+        if kw.get("spin"):
+            so.add_session_config_entry("session.intra_op.allow_spinning", "1")
+        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+    variants = {
+        "runtime (vne.runtime.model.session_options)": variant(),
+        "1 intra-op thread": variant(intra=1),
+        "spinning idle threads": variant(spin=True),
+        "basic graph optimisation": variant(opt=ort.GraphOptimizationLevel.ORT_ENABLE_BASIC),
+        "no memory arena": variant(no_arena=True),
+    }
+    rng = np.random.default_rng(0)
+    print(f"{path.name}: ONNX Runtime {ort.__version__}, CPU; {runs} runs after {warmup} warm-up runs, variants alternated")
+    print("| variant | 160x160 (heart window), median ms | vs runtime | " + f"{full_hw[0]}x{full_hw[1]}, median ms | vs runtime |")
+    print("| --- | --- | --- | --- | --- |")
+    res = {}
+    for h, w in ((160, 160), full_hw):
+        feed = {"cine": (rng.random((1, contract.n_cine_frames, h, w)) * 300).astype(np.float32),
+                "ir": (rng.random((1, contract.n_ir_images, h, w)) * 100).astype(np.float32),
+                "ir_ti_ms": np.asarray([contract.nominal_ti_ms[: contract.n_ir_images]], np.float32),
+                "t1_map_ms": np.full((1, 1, h, w), 1000.0, np.float32)}
+        times = {k: [] for k in variants}
+        for sess in variants.values():
+            for _ in range(warmup):
+                sess.run(None, feed)
+        for _ in range(runs):
+            for k, sess in variants.items():
+                t = time.perf_counter()
+                sess.run(None, feed)
+                times[k].append((time.perf_counter() - t) * 1e3)
+        res[(h, w)] = {k: statistics.median(v) for k, v in times.items()}
+    base = "runtime (vne.runtime.model.session_options)"
+    (a, b) = list(res)
+    for k in variants:
+        print(f"| {k} | {res[a][k]:.1f} | {res[a][k] / res[a][base]:.2f}x | {res[b][k]:.1f} | {res[b][k] / res[b][base]:.2f}x |")
+    return 0
 
 
 def _time(fn, warmup: int, runs: int, sync=lambda: None) -> list[float]:
@@ -63,7 +116,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo")
     p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--onnx", type=Path, help="time this ONNX model's session options instead (no torch)")
     args = p.parse_args(argv)
+    if args.onnx:
+        return onnx_options(args.onnx, args.runs, args.warmup, (args.height if args.height % 16 == 0 else 256,
+                                                                args.width if args.width % 16 == 0 else 304))
+
+    import torch
+
+    from training.checkpoint import load_checkpoint
+    from training.export import example_inputs, write_onnx
+    from training.networks import GeneratorConfig, VNEGenerator, count_macs, count_params, generator_from_checkpoint
+    from training.train import load_config
 
     import onnxruntime as ort
 

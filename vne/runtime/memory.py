@@ -4,8 +4,12 @@ A stream's images are freed when it ends, but glibc keeps freed memory in per-th
 (up to 8 per core) and returns little of it to the system: ``vne serve`` idled at ~1 GB after
 three rounds of 10 concurrent streams, against 140 MB fresh (issue 12). Two remedies:
 
-* :func:`limit_arenas` (at server start): at most ``n`` malloc arenas, so one connection
-  thread's freed blocks are reused by the next instead of parked in an arena of their own;
+* :func:`limit_arenas` (at server start): at most ``n`` malloc arenas (default 4), so one
+  connection thread's freed blocks are reused by the next instead of parked in an arena of their
+  own. Measured with ``benchmarks/bench_load.py`` (3 rounds of 1, 20, 50 streams, 2 cores): 2
+  arenas kept the RSS after each level within 25 MB of fresh but made VNE ~1.5x slower (threads
+  wait for the arena locks); glibc's default (16 here) let it grow 60 MB after 20 streams;
+  4 kept it within 20 MB at about the default's speed;
 * :func:`trim` (when a stream ends): give free heap memory back to the system.
 
 :func:`rss_mb` and :func:`peak_rss_mb` read ``/proc/self/status`` (benchmarks, logs).
@@ -21,7 +25,7 @@ import threading
 log = logging.getLogger(__name__)
 
 M_ARENA_MAX = -8          # mallopt parameter (glibc malloc.h)
-DEFAULT_ARENAS = 2
+DEFAULT_ARENAS = 4
 
 _libc = None
 _libc_lock = threading.Lock()

@@ -105,7 +105,7 @@ PROPERTY_DOCS: dict[str, str] = {
     "data_role": "meta DataRole / GADGETRON_DataRole of the VNE series (default Quantitative: no renormalisation)",
     "description_suffix": "appended to the T1 map's series description (default _VNE)",
     "intra_op_threads": "ONNX Runtime intra-op threads (default: $VNE_ORT_THREADS, else ORT's default)",
-    "batch_size": "largest batch of equal-grid slices per inference (default 8)",
+    "batch_size": "largest batch per inference call (default 8; slices run one at a time, as they complete)",
     "prefer_gpu": "use CUDAExecutionProvider when available (default true)",
     "qc": "quality guard (vne.runtime.qc): withhold (default: a slice that fails gets no VNE and one logged reason), "
           "mark (the VNE is sent with VNE_QC=FAIL in its meta and description) or off",
