@@ -135,8 +135,8 @@ def run_stream(port: int, exam: Exam, pace_s: float, timeout_s: float) -> Stream
         try:
             sock.sendall(exam.config + exam.header)
             for k, msg in enumerate(exam.images):
+                sent_at[k] = time.perf_counter()  # before: the echo can come back before sendall returns
                 sock.sendall(msg)
-                sent_at[k] = time.perf_counter()
                 if pace_s:
                     time.sleep(pace_s)
             sock.sendall(struct.pack("<H", CLOSE))
