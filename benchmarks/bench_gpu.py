@@ -17,7 +17,7 @@ Per provider, one slice (batch 1) at the heart window's size (160x160) and at th
 
 The target of issue 12 is under 5 ms per slice on the GPU; record the figure in models/README.md.
 
-    python benchmarks/bench_gpu.py [--model models/vne-sim-0.3.0.onnx] [--runs 50]
+    python benchmarks/bench_gpu.py [--model models/vne-sim-0.4.0.onnx] [--runs 50]
 """
 from __future__ import annotations
 
@@ -29,8 +29,6 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def feed(contract, h: int, w: int) -> dict[str, np.ndarray]:
@@ -54,13 +52,17 @@ def timed(fn, warmup: int, runs: int) -> list[float]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", type=Path, default=REPO / "models" / "vne-sim-0.3.0.onnx")
+    ap.add_argument("--model", type=Path, default=None, help="ONNX model (default: the shipped one)")
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--device", type=int, default=0)
     ap.add_argument("--trt-fp16", action="store_true", help="also TensorRT with fp16 kernels")
     ap.add_argument("--trt-cache", type=Path, default=Path("/tmp/vne-trt-cache"))
     args = ap.parse_args(argv)
+    if args.model is None:
+        from vne.runtime.model import find_default_model
+
+        args.model = find_default_model()
 
     import onnxruntime as ort
 

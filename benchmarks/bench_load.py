@@ -20,7 +20,7 @@ Printed per level (one table, all levels measured in this run):
 Loops are bounded (levels x rounds x streams), every socket has a timeout, and the server is
 stopped at the end (SIGTERM, then kill).
 
-    python benchmarks/bench_load.py --model models/vne-sim-0.3.0.onnx --streams 1 5 10 20 50 --rounds 3
+    python benchmarks/bench_load.py --model models/vne-sim-0.4.0.onnx --streams 1 5 10 20 50 --rounds 3
 """
 from __future__ import annotations
 
@@ -40,15 +40,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import ismrmrd
+from ismrmrd.serialization import ConfigText, ProtocolSerializer
 
-import ismrmrd  # noqa: E402
-from ismrmrd.serialization import ConfigText, ProtocolSerializer  # noqa: E402
+from vne.exam.data import Role
+from vne.runtime.memory import rss_mb
+from vne.io.mrd import from_mrd, parse_header, read_mrd_file
 
-from vne.exam.data import Role  # noqa: E402
-from vne.runtime.memory import rss_mb  # noqa: E402
-from vne.io.mrd import from_mrd, parse_header, read_mrd_file  # noqa: E402
 
 NEEDED = (Role.CINE, Role.IR_MAGNITUDE, Role.IR_PHASE, Role.T1_MAP)
 CLOSE, IMAGE = 4, 1022
@@ -240,7 +238,7 @@ def pct(xs, q):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--exam", type=Path, default=None, help="ISMRMRD exam (default: one simulated case, seed 1)")
-    ap.add_argument("--model", type=Path, default=REPO / "models" / "vne-sim-0.3.0.onnx")
+    ap.add_argument("--model", type=Path, default=None, help="ONNX model (default: the shipped one)")
     ap.add_argument("--streams", type=int, nargs="+", default=[1, 5, 10, 20, 50])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--pace-ms", type=float, default=5.0, help="gap between a stream's images (default 5 ms)")
@@ -248,6 +246,10 @@ def main(argv=None) -> int:
     ap.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
                     help="extra `vne serve` argument, e.g. --serve-arg=--vne-workers=1 (repeatable)")
     args = ap.parse_args(argv)
+    if args.model is None:
+        from vne.runtime.model import find_default_model
+
+        args.model = find_default_model()
 
     tmp = Path(tempfile.mkdtemp(prefix="vne-load-"))
     if args.exam is None:

@@ -32,17 +32,15 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from vne.prepare.contract import model_inputs
+from vne.exam.data import Role
+from vne.runtime.model import load_model
+from vne.io.mrd import from_mrd, parse_header, read_mrd_file, study_key
+from vne.runtime.pipeline import PipelineConfig, VNEPipeline
+from vne.runtime.qc import check_inputs, check_output
+from vne.prepare.slices import assemble, on_t1_grid
+from vne.runtime.workers import SliceWorkers
 
-from vne.prepare.contract import model_inputs  # noqa: E402
-from vne.exam.data import Role  # noqa: E402
-from vne.runtime.model import load_model  # noqa: E402
-from vne.io.mrd import from_mrd, parse_header, read_mrd_file, study_key  # noqa: E402
-from vne.runtime.pipeline import PipelineConfig, VNEPipeline  # noqa: E402
-from vne.runtime.qc import check_inputs, check_output  # noqa: E402
-from vne.prepare.slices import assemble, on_t1_grid  # noqa: E402
-from vne.runtime.workers import SliceWorkers  # noqa: E402
 
 
 def _ms(t0: float) -> float:
@@ -98,10 +96,14 @@ def gadget_arm(model, header, raw, workers) -> tuple[dict, list[float]]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--exam", type=Path, default=None, help="ISMRMRD exam (default: one simulated case, seed 1)")
-    ap.add_argument("--model", type=Path, default=REPO / "models" / "vne-sim-0.3.0.onnx")
+    ap.add_argument("--model", type=Path, default=None, help="ONNX model (default: the shipped one)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: ORT's)")
     args = ap.parse_args(argv)
+    if args.model is None:
+        from vne.runtime.model import find_default_model
+
+        args.model = find_default_model()
     if args.exam is None:
         from vne.cli import main as vne_main
 

@@ -30,18 +30,16 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from vne.runtime import inference
+from vne.io import mrd as mrd_io
+from vne.evaluation.collect_simulated import slice_index_by_position
+from vne.prepare.contract import INPUT_NAMES, crop_output, pad_to_multiple
+from vne.prepare.contract import normalise_psir as normalise
+from vne.runtime.model import VNEModel, session_options
+from vne.evaluation.quantify import LGE_LEVELS, VNE_ADJUSTED_LEVELS, patient_burden, quantify_slice
+from vne.prepare.slices import build_slices
+from vne.evaluation.stats import icc_a1, pearson_regression
 
-from vne.runtime import inference  # noqa: E402
-from vne.io import mrd as mrd_io  # noqa: E402
-from vne.commands.evaluate import slice_index_by_position  # noqa: E402
-from vne.prepare.contract import INPUT_NAMES, crop_output, pad_to_multiple  # noqa: E402
-from vne.evaluate import normalise  # noqa: E402
-from vne.runtime.model import VNEModel, session_options  # noqa: E402
-from vne.quantify import LGE_LEVELS, VNE_ADJUSTED_LEVELS, patient_burden, quantify_slice  # noqa: E402
-from vne.prepare.slices import build_slices  # noqa: E402
-from vne.stats import icc_a1, pearson_regression  # noqa: E402
 
 
 def slices_of(exams: Path, contract, skip: int, n: int):
@@ -77,10 +75,14 @@ class Calibration:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--exams", type=Path, required=True)
-    ap.add_argument("--model", type=Path, default=REPO / "models" / "vne-sim-0.3.0.onnx")
+    ap.add_argument("--model", type=Path, default=None, help="ONNX model (default: the shipped one)")
     ap.add_argument("--calib", type=int, default=12, help="slices for int8 calibration (the first of the set)")
     ap.add_argument("--test", type=int, default=30, help="slices compared (after the calibration slices)")
     args = ap.parse_args(argv)
+    if args.model is None:
+        from vne.runtime.model import find_default_model
+
+        args.model = find_default_model()
 
     import onnx
     import onnxruntime as ort
