@@ -141,3 +141,16 @@ def test_a_reader_that_falls_behind_abandons_vne_and_passes_everything(stream, m
     out.extend(p.finish())
     _split(out, images)
     assert p._abandoned and any("VNE abandoned for the rest of the stream" in m for m in p.problems)
+
+
+def test_the_gpu_benchmark_skips_cleanly_without_a_gpu():
+    import subprocess
+    import sys
+
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("a CUDA provider is installed: the benchmark would measure, not skip")
+    r = subprocess.run([sys.executable, str(H.REPO / "benchmarks" / "bench_gpu.py")], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and "skipped" in r.stdout, r.stdout + r.stderr
