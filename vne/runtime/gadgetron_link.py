@@ -295,18 +295,20 @@ class GadgetronLink:
             yield frame
 
     # ------------------------------------------------------------------ writing
-    def send_raw(self, data: bytes) -> None:
+    # Thread-safe: the stream's thread passes messages on while the VNE workers send images;
+    # one lock keeps each message whole on the socket and the counts exact.
+    def send_raw(self, data: bytes, counter: str | None = None) -> None:
         with self._lock:
             self.sock.sendall(data)
+            if counter:
+                self.sent[counter] += 1
 
     def forward(self, frame: F.Frame) -> None:
         """Send a frame on exactly as it came."""
-        self.send_raw(frame.raw)
-        self.sent["passed"] += 1
+        self.send_raw(frame.raw, "passed")
 
     def send_image(self, image) -> None:
-        self.send_raw(F.pack_image(image))
-        self.sent["IMAGE"] += 1
+        self.send_raw(F.pack_image(image), "IMAGE")
 
     def close(self) -> None:
         """Our CLOSE (once, if the stream started), then close the socket; idempotent. Unread
@@ -366,14 +368,8 @@ def run_link(link: GadgetronLink, defaults=None, *, model=None, cache_wait_s: fl
     from .workers import shared_workers
 
     # this thread passes every message on; the process's VNE workers send each VNE image as soon
-    # as it is made (vne.runtime.workers): one lock keeps their writes whole on the one socket
-    send_lock = threading.Lock()
-
-    def send_image(image) -> None:
-        with send_lock:
-            link.send_image(image)
-
-    pipeline = VNEPipeline(config, header=link.header, model=model, workers=shared_workers(), emit=send_image,
+    # as it is made (vne.runtime.workers), through the link's own send lock
+    pipeline = VNEPipeline(config, header=link.header, model=model, workers=shared_workers(), emit=link.send_image,
                            load_async=model is None)
     if config_error:
         pipeline.problems = [m for m in pipeline.problems if "'enabled' property" not in m]
@@ -381,8 +377,7 @@ def run_link(link: GadgetronLink, defaults=None, *, model=None, cache_wait_s: fl
     n_undecodable = 0
     try:
         for frame in link:
-            with send_lock:
-                link.forward(frame)  # first, whatever happens to VNE
+            link.forward(frame)  # first, whatever happens to VNE
             if frame.msg_id != F.IMAGE:
                 continue
             try:
@@ -395,7 +390,7 @@ def run_link(link: GadgetronLink, defaults=None, *, model=None, cache_wait_s: fl
                 continue
             for out in pipeline.feed_iter(item):
                 if out is not item:
-                    send_image(out)
+                    link.send_image(out)
     except OSError as exc:  # sending failed: the peer has gone
         link.send_failed = f"{exc.__class__.__name__}: {exc}"
         log.error("Gadgetron stream %s: connection lost while sending (%s)", link.peer, link.send_failed)
@@ -403,7 +398,7 @@ def run_link(link: GadgetronLink, defaults=None, *, model=None, cache_wait_s: fl
     if link.send_failed is None:
         try:
             for out in outs:
-                send_image(out)
+                link.send_image(out)
         except OSError as exc:
             link.send_failed = f"{exc.__class__.__name__}: {exc}"
             log.error("Gadgetron stream %s: could not send the last VNE images (%s)", link.peer, link.send_failed)
