@@ -63,9 +63,19 @@ class HeartSlice:
     lung_axes_mm: list[tuple[float, float]]
     aorta_centre_mm: tuple[float, float]
     aorta_radius_mm: float
-    pericardial_fat_mm: float
+    pericardial_fat_mm: float  # the epicardial fat layer's mean thickness
     lesions: list[LesionBlob] = field(default_factory=list)
     texture_seed: int = 0
+    # (3, 2) cos/sin coefficients of the fat layer's relative thickness around the heart: real
+    # epicardial fat is patchy (thick in the grooves, absent over much of the lateral wall).
+    pericardial_fat_shape: np.ndarray = field(default_factory=lambda: np.zeros((3, 2)))
+
+    def pericardial_fat_thickness_mm(self, theta: np.ndarray) -> np.ndarray:
+        """Epicardial fat thickness (mm, >= 0) at angle ``theta``."""
+        k = np.arange(1, self.pericardial_fat_shape.shape[0] + 1)
+        ang = np.asarray(theta)[..., None] * k
+        rel = 1.0 + (np.cos(ang) * self.pericardial_fat_shape[:, 0] + np.sin(ang) * self.pericardial_fat_shape[:, 1]).sum(-1)
+        return self.pericardial_fat_mm * np.clip(rel, 0.0, 2.0)
 
     @property
     def insertion_thetas(self) -> tuple[float, float]:
@@ -154,8 +164,9 @@ def sample_heart(rng: np.random.Generator, phenotype: str, slice_level: str, les
         lung_axes_mm=[(rng.uniform(35, 55), rng.uniform(50, 80)), (rng.uniform(35, 55), rng.uniform(50, 80))],
         aorta_centre_mm=(rng.uniform(-70, -40), rng.uniform(-75, -55)),
         aorta_radius_mm=rng.uniform(9, 13),
-        pericardial_fat_mm=rng.uniform(1.0, 5.0),
+        pericardial_fat_mm=rng.uniform(0.5, 5.0),
         texture_seed=int(rng.integers(0, 2**31 - 1)),
+        pericardial_fat_shape=rng.normal(0, 1, (3, 2)) * (0.7 / np.arange(1, 4))[:, None],
     )
     if not lesion_free and phenotype != "normal":
         h.lesions = _sample_lesions(rng, h)
@@ -210,7 +221,7 @@ def _smooth_texture(u, v, seed: int, scale_mm: float) -> np.ndarray:
 
 def heart_radius_mm(h: HeartSlice) -> float:
     """A radius around the LV centre outside which nothing moves with the heart beat."""
-    return float(h.r_endo_mm * 1.25 + h.wall_max_mm + h.rv_depth_mm + h.rv_wall_mm + h.pericardial_fat_mm + 4.0)
+    return float(h.r_endo_mm * 1.25 + h.wall_max_mm + h.rv_depth_mm + h.rv_wall_mm + 2.0 * h.pericardial_fat_mm + 4.0)
 
 
 def background_fractions(h: HeartSlice, u: np.ndarray, v: np.ndarray, pixel_mm: float) -> np.ndarray:
@@ -285,7 +296,7 @@ def _paint_heart(h: HeartSlice, u: np.ndarray, v: np.ndarray, phase: float, pixe
     rv_depth = h.rv_depth_mm * np.sqrt(attach) * (1.0 - 0.5 * h.ejection * c)
     rv_outer = r_epi + rv_depth
     heart_outer = np.where(attach > 0, rv_outer + h.rv_wall_mm, r_epi)
-    _paint(fr, "pericardial_fat", _soft(heart_outer + h.pericardial_fat_mm - r, pixel_mm))
+    _paint(fr, "pericardial_fat", _soft(heart_outer + h.pericardial_fat_thickness_mm(theta) - r, pixel_mm))
     _paint(fr, "rv_wall", _soft(heart_outer - r, pixel_mm) * (attach > 0))
     _paint(fr, "rv_blood", _soft(np.minimum(rv_outer - r, r - r_epi), pixel_mm) * (rv_depth > 1.0))
     _paint(fr, "lv_myocardium", _soft(r_epi - r, pixel_mm))

@@ -6,6 +6,7 @@ Gadgetron-style meta in one of several spellings) and the ground truth per slice
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass, field
 
@@ -17,7 +18,7 @@ from . import anatomy, signals, tissue
 from .anatomy import T
 from .scanner import HeartFrame, acquire, coil_shading, local_coordinates, sample_short_axis, scan_geometry, smooth_phase
 
-SIMULATOR_VERSION = "2.2"
+SIMULATOR_VERSION = "2.3"
 SLICE_LEVELS = ("basal", "mid", "apical")
 DIASTOLE_PHASE = 0.75  # T1 mapping and LGE are triggered in mid-diastole
 
@@ -332,7 +333,8 @@ def _property_maps(tis: tissue.CaseTissue, fr: np.ndarray, fib: np.ndarray, text
 
 
 def _psir_image(tis, heart, u, v, pixel_mm, ti_ms, rr, anatomy_on_grid=None, texture=None) -> np.ndarray:
-    """Ideal signed PSIR image (no noise) on a grid given by heart-local (u, v).
+    """Ideal signed PSIR image (no noise) on a grid given by heart-local (u, v), fat scaled by
+    the case's ``lge_fat_scale`` (:func:`tissue.lge_proton_density`).
 
     ``anatomy_on_grid`` / ``texture``: the diastolic :func:`anatomy.tissue_fractions` and texture
     of these same points, when the caller has them already.
@@ -340,7 +342,7 @@ def _psir_image(tis, heart, u, v, pixel_mm, ti_ms, rr, anatomy_on_grid=None, tex
     fr, fib, _ = anatomy_on_grid or anatomy.tissue_fractions(heart, u, v, DIASTOLE_PHASE, pixel_mm)
     if texture is None:
         texture = anatomy._smooth_texture(u, v, heart.texture_seed + 1, 12.0)
-    t1n, t2, pd, ecv = _property_maps(tis, fr, fib, texture)
+    t1n, t2, pd, ecv = _property_maps(dataclasses.replace(tis, pd=tissue.lge_proton_density(tis)), fr, fib, texture)
     t1p = tissue.post_contrast_t1_ms(tis, t1n, ecv)
     return signals.psir_mz(t1p, pd, ti_ms, rr) * np.exp(-3.0 / t2)
 

@@ -29,6 +29,8 @@ _NOMINAL = {
     "papillary": (1000.0, 1210.0, 52.0, 0.8, 0.25),
 }
 HAEMATOCRIT = 0.42
+LGE_FAT_SCALE = (0.1, 1.0)  # range of CaseTissue.lge_fat_scale (log-uniform)
+FAT_TISSUES = ("fat", "pericardial_fat")
 GD_RELAXIVITY = {  # r1 at 37 C, L/(mmol s): (1.5 T, 3 T)
     "gadobutrol": (4.78, 4.97),
     "gadoterate": (3.32, 3.00),
@@ -48,6 +50,13 @@ class CaseTissue:
         gd_plasma_mm: plasma gadolinium concentration at the LGE time (mmol/L).
         r1: relaxivity (L/(mmol s)).
         haematocrit: blood haematocrit.
+        lge_fat_scale: multiplies the signal of fat (body wall and epicardial) in the LGE only.
+            How bright fat is in PSIR LGE depends on the protocol, not on the native images:
+            partial fat saturation, the echo time's fat-water phase and the readout move it
+            from darker than blood to brighter. Unscaled, the PSIR physics here makes pure fat
+            1.7-3.5x the blood pool; drawn log-uniform over 0.1-1.0, fat reads about 0.2-3.5x
+            blood (median about 0.8x), so that no fat brightness, and so no bright epicardial
+            rim, is something a model can learn from the native inputs.
     """
 
     field_t: float
@@ -62,6 +71,7 @@ class CaseTissue:
     r1: float
     haematocrit: float
     agent: str
+    lge_fat_scale: float = 1.0
 
 
 def sample_tissue(rng: np.random.Generator, field_t: float, hcm: bool) -> CaseTissue:
@@ -106,6 +116,7 @@ def sample_tissue(rng: np.random.Generator, field_t: float, hcm: bool) -> CaseTi
         fibrosis_t1_gain=float(rng.uniform(0.15, 1.0)),
         fibrosis_t2_ms=float(rng.uniform(3.0, 12.0)),
         gd_plasma_mm=float(gd), r1=float(r1), haematocrit=hct, agent=agent,
+        lge_fat_scale=float(np.exp(rng.uniform(np.log(LGE_FAT_SCALE[0]), np.log(LGE_FAT_SCALE[1])))),
     )
 
 
@@ -126,6 +137,14 @@ def myocardium_maps(tissue: CaseTissue, fibrosis: np.ndarray, texture: np.ndarra
     t2 = tissue.t2_ms[k] + fibrosis * tissue.fibrosis_t2_ms
     pd = tissue.pd[k] * (1.0 + 0.06 * fibrosis)
     return t1, t2, pd, ecv
+
+
+def lge_proton_density(tissue: CaseTissue) -> np.ndarray:
+    """(len(TISSUES),) proton density as the LGE sees it: fat scaled by ``lge_fat_scale``."""
+    pd = tissue.pd.copy()
+    for name in FAT_TISSUES:
+        pd[TISSUES.index(name)] *= tissue.lge_fat_scale
+    return pd
 
 
 def post_contrast_t1_ms(tissue: CaseTissue, t1_native_ms, ecv):
