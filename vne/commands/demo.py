@@ -16,7 +16,7 @@ from ..errors import InputError
 NAME = "demo"
 HELP = "run the shipped VNE model on a built-in simulated sample exam"
 DEMO_SEED = 2026
-DEMO_CASE = 3  # simulator 2.2: apical HCM, 1.5 T, 3 slices, true lesion burden 5.0 % (also the golden-test exam)
+DEMO_CASE = 2  # simulator 2.3: septal HCM, 3 T, 3 slices, true lesion burden 15.1 % (also the golden-test exam)
 
 
 def add_arguments(p) -> None:
