@@ -254,7 +254,7 @@ def _mrd_options(args) -> "mrd_server.ServerOptions":
 
 def run(args) -> int:
     from ..runtime.model import load_model
-    from ..runtime.pipeline import PipelineConfig
+    from ..runtime.config import PipelineConfig
     from .infer import parse_properties
 
     if args.model and not Path(args.model).is_file():  # a named model must exist; a refused one serves pass-through

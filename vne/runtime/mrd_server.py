@@ -44,7 +44,7 @@ DEBUG, INFO, WARNING, ERROR, CRITICAL = "DEBUG", "INFO", "WARNING", "ERROR", "CR
 
 # JSON parameters a client may not set: server-side paths stay the server's (--model, --cache-dir)
 from . import memory  # noqa: E402
-from .pipeline import SERVER_ONLY_PROPERTIES  # noqa: E402  (one definition: model, model_sha256, cache_dir)
+from .config import SERVER_ONLY_PROPERTIES  # noqa: E402  (one definition: model, model_sha256, cache_dir)
 
 
 @dataclass(frozen=True)
@@ -218,10 +218,10 @@ def is_vne(name: str | None) -> bool:
 
 def vne_properties(config) -> tuple[dict[str, str], list[str]]:
     """(pipeline properties, notes) from a JSON config's ``parameters``: the names of
-    :data:`vne.runtime.pipeline.PROPERTY_DOCS` and ``role_*``, or their OpenRecon ids (the name without
+    :data:`vne.runtime.config.PROPERTY_DOCS` and ``role_*``, or their OpenRecon ids (the name without
     underscores, as OpenRecon allows ``[A-Za-z0-9]`` only: ``pixeltype``); others (scanner UI
     parameters) are ignored."""
-    from .pipeline import PROPERTY_DOCS
+    from .config import PROPERTY_DOCS
 
     aliases = {p.replace("_", "").lower(): p for p in PROPERTY_DOCS if "<" not in p}
 
@@ -272,13 +272,14 @@ def process(connection: MRDConnection, config, metadata, *, defaults=None, model
         connection: the :class:`MRDConnection` after CONFIG and HEADER.
         config: the JSON config (dict) or the config name (str).
         metadata: the ISMRMRD header (XML text, parsed, or None).
-        defaults: server-side :class:`vne.runtime.pipeline.PipelineConfig` the parameters go on top of.
+        defaults: server-side :class:`vne.runtime.config.PipelineConfig` the parameters go on top of.
         model: the server's loaded model.
 
     Returns:
         the pipeline (None if it could not be made).
     """
-    from .pipeline import PipelineConfig, VNEPipeline
+    from .config import PipelineConfig
+    from .pipeline import VNEPipeline
 
     props, notes = vne_properties(config)
     for note in notes:
