@@ -178,7 +178,8 @@ def vm_hwm_mb(pid: int) -> float:
 
 def in_process(header, images, model, threads) -> dict:
     from vne.runtime.model import load_model
-    from vne.runtime.pipeline import PipelineConfig, process_stream
+    from vne.runtime.config import PipelineConfig
+    from vne.runtime.pipeline import process_stream
 
     m = load_model(model, intra_op_threads=threads)
     m.warm_up((256, 256))

@@ -36,7 +36,8 @@ from vne.prepare.contract import model_inputs
 from vne.exam.data import Role
 from vne.runtime.model import load_model
 from vne.io.mrd import from_mrd, parse_header, read_mrd_file, study_key
-from vne.runtime.pipeline import PipelineConfig, VNEPipeline
+from vne.runtime.config import PipelineConfig
+from vne.runtime.pipeline import VNEPipeline
 from vne.runtime.qc import check_inputs, check_output
 from vne.prepare.slices import assemble, on_t1_grid
 from vne.runtime.workers import SliceWorkers

@@ -10,13 +10,13 @@ images, then CLOSE; ``gadgetron.external.Connection`` parses the first two into
 The gadget is thin: it takes the connection's socket over (:mod:`vne.runtime.gadgetron_link`), sends
 every data message on at once by its exact bytes, before decoding a copy of it, and
 :mod:`vne.runtime.pipeline` adds the VNE series when a slice is complete (properties:
-:data:`vne.runtime.pipeline.PROPERTY_DOCS`, docs/gadget.md). It never raises on bad data; when the
+:data:`vne.runtime.config.PROPERTY_DOCS`, docs/gadget.md). It never raises on bad data; when the
 stream cannot be framed further or is lost it logs one reason, finishes and sends CLOSE.
 """
 from __future__ import annotations
 
 from vne.runtime.gadgetron_link import run_connection
-from vne.runtime.pipeline import PipelineConfig
+from vne.runtime.config import PipelineConfig
 
 
 def gadget(connection, defaults: PipelineConfig | None = None, model=None):

@@ -34,7 +34,7 @@ own series; every problem the pipeline reports goes back as a ``send_logging`` m
 (``WARNING``), and a summary as ``INFO``. Nothing raises out of ``process``.
 
 Parameters (``config["parameters"]``): the client-settable VNE properties
-(:data:`vne.runtime.pipeline.PROPERTY_DOCS` minus :data:`vne.runtime.pipeline.SERVER_ONLY_PROPERTIES`), by their
+(:data:`vne.runtime.config.PROPERTY_DOCS` minus :data:`vne.runtime.config.SERVER_ONLY_PROPERTIES`), by their
 property name (``pixel_type``) or by their OpenRecon parameter id, which is the property name
 without underscores (``pixeltype``: OpenRecon ids must match ``^[A-Za-z0-9]+$``; see
 ``docker/openrecon/label.json``). Other parameters (scanner UI options) are ignored.
@@ -48,7 +48,9 @@ import ismrmrd
 
 from vne.runtime import mrd_server
 from vne.errors import InputError
-from vne.runtime.pipeline import PROPERTY_DOCS, SERVER_ONLY_PROPERTIES, PipelineConfig, RawImage, VNEPipeline
+from vne.io.framing import RawImage
+from vne.runtime.config import PROPERTY_DOCS, SERVER_ONLY_PROPERTIES, PipelineConfig
+from vne.runtime.pipeline import VNEPipeline
 from vne.runtime.study_store import wait_for_write
 
 log = logging.getLogger("vne.mrd_module")

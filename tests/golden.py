@@ -77,7 +77,8 @@ def measure(model_path: Path, qc: str = "mark") -> dict:
     the guard's verdict recorded (``qc`` per slice), so the spatial checks do not depend on it."""
     from vne.prepare.contract import pad_to_multiple
     from vne.runtime.model import load_model
-    from vne.runtime.pipeline import PipelineConfig, process_stream
+    from vne.runtime.config import PipelineConfig
+    from vne.runtime.pipeline import process_stream
     from vne.simulate.case import simulate_case
     from vne.simulate.writers import case_to_mrd
 

@@ -133,7 +133,7 @@ def _externals():
 
 
 def test_pipeline_xmls_point_at_the_gadget_and_use_known_properties():
-    from vne.runtime.pipeline import PROPERTY_DOCS
+    from vne.runtime.config import PROPERTY_DOCS
     from vne.exam.roles import OVERRIDE_PROPERTIES
 
     known = set(PROPERTY_DOCS) - {"role_<rule>"} | set(OVERRIDE_PROPERTIES)
@@ -157,7 +157,7 @@ def test_pipeline_xmls_point_at_the_gadget_and_use_known_properties():
 
 
 def test_every_property_the_gadget_reads_is_documented_in_the_xml_comments():
-    from vne.runtime.pipeline import PROPERTY_DOCS
+    from vne.runtime.config import PROPERTY_DOCS
 
     text = (PIPELINES / "vne-execute.xml").read_text()
     comments = " ".join(re.findall(r"<!--(.*?)-->", text, flags=re.S))

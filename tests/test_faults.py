@@ -246,7 +246,7 @@ class Server:
         from vne.runtime import mrd_server
         from vne.commands.serve import bind, serve
         from vne.io.framing import FrameLimits
-        from vne.runtime.pipeline import PipelineConfig
+        from vne.runtime.config import PipelineConfig
 
         self.protocol = protocol
         defaults = defaults or PipelineConfig(enabled=False, cache_dir="none")
@@ -516,7 +516,7 @@ def test_pugixml_meta_with_vne_on(header, tmp_path, caplog):
     protocols: every input back byte-identical (the meta too), and the VNE image made from
     the decoded copies."""
     from vne.runtime.model import load_model
-    from vne.runtime.pipeline import PipelineConfig
+    from vne.runtime.config import PipelineConfig
 
     _, images = H.sim_stream()
     one = [im for im in images if im.slice == 0]
@@ -725,7 +725,7 @@ def test_gadget_on_a_gadgetron_external_connection(header, caplog, fault):
     from gadgetron.external import Connection
 
     from gadgets.vne_gadget import gadget
-    from vne.runtime.pipeline import PipelineConfig
+    from vne.runtime.config import PipelineConfig
 
     caplog.set_level(logging.INFO)
     msgs = small_stream()

@@ -176,7 +176,7 @@ def test_vne_stream_unreachable_server_is_one_line(tmp_path):
 
 def test_properties_from_config_both_spellings():
     """Gadgetron sends ``<property name= value=/>``; legacy configs use name/value children."""
-    from vne.runtime.pipeline import properties_from_config
+    from vne.runtime.config import properties_from_config
 
     xml = ('<configuration><property name="model" value="/m.onnx"/>'
            '<property><name>pixel_type</name><value>uint16</value></property></configuration>')

@@ -66,7 +66,7 @@ def test_infer_dicom_writes_a_new_derived_series_in_the_same_study(model, tmp_pa
         assert "VNE vne-sim-test" in d.ImageComments
     # the VNE series is never taken for an input when the folder is read again
     from vne.io.dicom import read_dicom_folder
-    from vne.runtime.pipeline import is_vne_output
+    from vne.runtime.output_series import is_vne_output
 
     again = read_dicom_folder(out)[0].images
     assert all(is_vne_output(im.meta) for im in again)

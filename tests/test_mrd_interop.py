@@ -55,7 +55,7 @@ def _qc_off() -> list[str]:
     and these tests check the data path, not the image quality."""
     import dataclasses
 
-    from vne.runtime.pipeline import PipelineConfig
+    from vne.runtime.config import PipelineConfig
 
     # python-ismrmrd-server client.py: str(datetime.datetime.now())
     return ["-p", "qc=off"] if "qc" in {f.name for f in dataclasses.fields(PipelineConfig)} else []

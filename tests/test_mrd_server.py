@@ -170,7 +170,7 @@ def server():
     from vne.runtime import mrd_server
     from vne.io.framing import FrameLimits
     from vne.runtime.model import load_model
-    from vne.runtime.pipeline import PipelineConfig
+    from vne.runtime.config import PipelineConfig
 
     model_path = H.tiny_model()
     # qc off: the model is random, its output would not pass the quality guard (vne.runtime.qc); the data path is tested
@@ -351,7 +351,7 @@ def test_framing_returns_exact_bytes_and_names_unknown_ids():
     int32 = struct.pack("<H", IMAGE) + bytes(head) + struct.pack("<Q", 0) + np.arange(12, dtype=np.int32).tobytes()
     fr = F.read_frame(io.BytesIO(int32 + struct.pack("<H", CLOSE)))
     assert fr.raw == int32 and fr.data_len == 48
-    from vne.runtime.pipeline import RawImage
+    from vne.io.framing import RawImage
 
     assert isinstance(F.decode_image(fr), RawImage)
 

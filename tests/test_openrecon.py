@@ -79,7 +79,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def defaults():
-    from vne.runtime.pipeline import PipelineConfig
+    from vne.runtime.config import PipelineConfig
 
     return PipelineConfig(model=str(H.tiny_model()), cache_dir="none")
 
@@ -133,7 +133,7 @@ def test_schema_check_rejects_other_invalid_labels(label, schema, mutate, expect
 
 def test_label_parameters_are_config_and_client_settable_vne_properties(label):
     from gadgets import vne_mrd
-    from vne.runtime.pipeline import PROPERTY_DOCS, SERVER_ONLY_PROPERTIES
+    from vne.runtime.config import PROPERTY_DOCS, SERVER_ONLY_PROPERTIES
 
     ids = [p["id"] for p in label["parameters"]]
     assert ids[0] == "config" and label["parameters"][0]["default"] == "vne"
@@ -371,7 +371,7 @@ def test_process_survives_a_connection_that_fails_mid_stream(stream, model, defa
 def mrd_port(model):
     """The real MRD server in a thread on 127.0.0.1:<ephemeral>, tiny model, no study cache."""
     from vne.runtime import mrd_server
-    from vne.runtime.pipeline import PipelineConfig
+    from vne.runtime.config import PipelineConfig
 
     defaults = PipelineConfig(model=str(H.tiny_model()), cache_dir="none")
     opts = mrd_server.ServerOptions(read_timeout_s=60.0, max_active=4, linger_s=1.0)

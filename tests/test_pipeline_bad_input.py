@@ -18,7 +18,9 @@ import pytest
 import vne_helpers as H
 from vne.prepare.contract import ModelContract
 from vne.runtime.model import clear_cache
-from vne.runtime.pipeline import PipelineConfig, VNEPipeline, process_stream, t1_units_problem
+from vne.runtime.config import PipelineConfig
+from vne.runtime.pipeline import VNEPipeline, process_stream
+from vne.runtime.stream_intake import t1_units_problem
 
 T1, CINE, IR, PHASE = 4, 1, 2, 3
 
@@ -132,7 +134,7 @@ def test_int32_image_from_a_cpp_peer_passes_byte_for_byte(slice0, header, model)
     raw = bytes(raw_head) + np.uint64(len(attr)).tobytes() + attr + data
     items = slice0[:30] + [raw] + slice0[30:]
     got, p = H.run_in_thread(header, items, H.config_xml(model=model, cache_dir="none"), int32_safe=True)
-    from vne.runtime.pipeline import RawImage
+    from vne.io.framing import RawImage
 
     raws = [g for g in got if isinstance(g, RawImage)]
     assert len(raws) == 1 and raws[0].payload == raw

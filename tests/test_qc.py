@@ -166,7 +166,8 @@ def _stream():
 
 def _run(images, header, qc: str, caplog):
     import vne_helpers as H
-    from vne.runtime.pipeline import PipelineConfig, process_stream
+    from vne.runtime.config import PipelineConfig
+    from vne.runtime.pipeline import process_stream
 
     caplog.set_level(logging.WARNING, logger="vne.runtime.pipeline")
     return process_stream(images, PipelineConfig(model=str(H.tiny_model()), cache_dir="none", qc=qc), header=header)

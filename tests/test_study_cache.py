@@ -108,7 +108,8 @@ def test_background_write_is_waited_for_in_process(images, tmp_path):
 
 def test_pipeline_with_cache_disabled_or_unwritable_still_works(tmp_path):
     """A single stream holding every series needs no cache; an unwritable one changes nothing."""
-    from vne.runtime.pipeline import PipelineConfig, process_stream
+    from vne.runtime.config import PipelineConfig
+    from vne.runtime.pipeline import process_stream
 
     header, images = H.sim_stream()
     one = [im for im in images if im.slice == 0]

@@ -27,7 +27,8 @@ from vne.errors import InputError
 from vne.exam.data import Role
 from vne.io.mrd import from_mrd, parse_header, study_key
 from vne.runtime import model as M
-from vne.runtime.pipeline import PipelineConfig, VNEPipeline, process_stream
+from vne.runtime.config import PipelineConfig
+from vne.runtime.pipeline import VNEPipeline, process_stream
 from vne.runtime.study_store import StudyCache, default_cache_dir, study_hash
 
 SHIPPED = __import__("vne.runtime.model", fromlist=["find_default_model"]).find_default_model()  # the newest shipped model

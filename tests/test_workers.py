@@ -12,7 +12,8 @@ import pytest
 
 import vne_helpers as H
 from vne.runtime.model import load_model
-from vne.runtime.pipeline import PipelineConfig, VNEPipeline
+from vne.runtime.config import PipelineConfig
+from vne.runtime.pipeline import VNEPipeline
 from vne.runtime.workers import LockedSender, SliceWorkers
 
 

@@ -207,7 +207,7 @@ def play_gadgetron(sock: socket.socket, header_xml: str, images: list, config_xm
     the images instead of sending CLOSE (a stream that drops mid-study). An item given as
     ``bytes`` is sent as a raw IMAGE message body (how a C++ peer sends a 4-byte int32
     image, which ``ismrmrd`` for Python cannot represent); ``int32_safe`` reads the replies
-    with :func:`vne.runtime.pipeline.read_image_safely` (such images come back as ``RawImage``).
+    with :func:`vne.io.framing.read_image_safely` (such images come back as ``RawImage``).
 
     Returns:
         every image received, in order.
@@ -262,7 +262,7 @@ def play_gadgetron(sock: socket.socket, header_xml: str, images: list, config_xm
 def _read_int32_safe(reader):
     import struct
 
-    from vne.runtime.pipeline import read_image_safely
+    from vne.io.framing import read_image_safely
 
     while True:
         mid = reader.read(2)

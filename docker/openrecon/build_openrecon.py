@@ -193,9 +193,9 @@ def _import_vne():
         sys.path.insert(0, str(REPO))
     import vne
     from gadgets import vne_mrd
-    from vne.runtime import pipeline
+    from vne.runtime import config as runtime_config
 
-    return vne, pipeline, vne_mrd
+    return vne, runtime_config, vne_mrd
 
 
 def dockerfile_port(path: Path = DOCKERFILE) -> int | None:
@@ -206,7 +206,7 @@ def dockerfile_port(path: Path = DOCKERFILE) -> int | None:
 
 def check_vne(label: dict) -> list[str]:
     """Checks the schema cannot make: the label describes this VNE and this container."""
-    vne, pipeline, vne_mrd = _import_vne()
+    vne, runtime_config, vne_mrd = _import_vne()
     errs = []
     g, r = label.get("general", {}), label.get("reconstruction", {})
     if g.get("version") != vne.__version__:
@@ -234,7 +234,7 @@ def check_vne(label: dict) -> list[str]:
         if p.get("type") == "choice":
             for v in p.get("values", []):
                 try:
-                    pipeline.PipelineConfig.from_properties({prop: v.get("id")}, trusted=False)
+                    runtime_config.PipelineConfig.from_properties({prop: v.get("id")}, trusted=False)
                 except Exception as exc:
                     errs.append(f"parameters: '{pid}' value {v.get('id')!r} is refused by VNE ({exc})")
             if p.get("default") not in [v.get("id") for v in p.get("values", [])]:
@@ -242,7 +242,7 @@ def check_vne(label: dict) -> list[str]:
         default = p.get("default")
         props[prop] = ("true" if default else "false") if isinstance(default, bool) else ("" if default is None else str(default))
     try:
-        pipeline.PipelineConfig.from_properties(props, trusted=False)
+        runtime_config.PipelineConfig.from_properties(props, trusted=False)
     except Exception as exc:
         errs.append(f"parameters: the defaults together are refused by VNE ({exc})")
     return errs

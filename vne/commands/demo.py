@@ -67,7 +67,8 @@ def _figure(case, results, path: Path) -> Path:
 def run(args) -> int:
     from ..io import mrd as mrd_io
     from ..runtime.model import find_default_model
-    from ..runtime.pipeline import PipelineConfig, VNEPipeline
+    from ..runtime.config import PipelineConfig
+    from ..runtime.pipeline import VNEPipeline
     from ..simulate.case import simulate_case
     from ..simulate.writers import case_to_mrd
 

@@ -56,7 +56,7 @@ def parse_properties(items: list[str]) -> dict[str, str]:
 
 
 def config_from_args(args):
-    from ..runtime.pipeline import PipelineConfig
+    from ..runtime.config import PipelineConfig
 
     base = PipelineConfig(model=args.model, model_sha256=getattr(args, "model_sha256", None) or None,
                           cache_dir=args.cache_dir, pixel_type=getattr(args, "pixel_type", "float32"),
@@ -142,7 +142,7 @@ def _infer_dicom(src: Path, out: Path, config, model):
         return 0, n_in, problems, str(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     # one rescale for the whole series (consistent intensities): stored = (vne - intercept) / slope
-    from ..runtime.pipeline import DEFAULT_UINT16_OFFSET
+    from ..runtime.config import DEFAULT_UINT16_OFFSET
 
     offset = config.output_offset if config.output_offset is not None else DEFAULT_UINT16_OFFSET
     rescale = (1.0 / config.output_scale, -offset / config.output_scale)

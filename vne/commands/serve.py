@@ -24,6 +24,7 @@ Bounds (both protocols): ``--read-timeout`` (no data for that long ends a connec
 ``--max-active`` connections at once (gadgetron: further connections wait in the listen backlog,
 none is refused; mrd: a TEXT "busy" and CLOSE). A failed ``accept()`` (e.g. out of file
 descriptors) is logged and retried with a back-off: the server never stops listening on its own.
+Both protocols share that accept loop (:func:`vne.runtime.listener.accept_connections`).
 
 VNE work (both protocols) runs in one bounded pool for all connections (:mod:`vne.runtime.workers`):
 ``--vne-workers`` threads share the one model session, at most ``--vne-queue`` slices wait, and a
@@ -54,8 +55,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..runtime import memory, mrd_server, workers as vne_workers
-from ..io.framing import ListenerClosed, accept_once
 from ..errors import InputError
+from ..runtime.listener import accept_connections
 from ..runtime.shutdown import DEFAULT_GRACE_S, EXIT_CUT, ConnectionTracker
 from .args import port_number
 
@@ -178,60 +179,13 @@ def serve(srv: socket.socket, defaults, model, *, max_connections: int = 0, stop
     """
     from ..io import framing as F
 
-    stop = stop or threading.Event()
-    tracker = tracker or ConnectionTracker()
     limits = limits or F.DEFAULT_LIMITS
-    srv.settimeout(0.5)
-    slots = threading.BoundedSemaphore(max(1, int(max_active)))
-    n = failures = 0
-    saturated = False
 
-    def run_one(conn, peer, reader):
-        try:
-            _handle(conn, peer, defaults, model, read_timeout_s, limits, reader)
-        finally:
-            slots.release()
-            memory.trim()  # the stream's images are free: give the memory back (vne.runtime.memory)
+    def serve_one(conn, peer, reader):
+        _handle(conn, peer, defaults, model, read_timeout_s, limits, reader)
 
-    try:
-        while not stop.is_set():
-            if not slots.acquire(timeout=0.5):
-                if not saturated:
-                    log.warning("%d connections active (--max-active): new connections wait until one ends", max_active)
-                    saturated = True
-                continue
-            saturated = False
-            try:
-                conn, peer, failures = accept_once(srv, stop, failures)
-            except ListenerClosed:
-                slots.release()
-                break
-            if conn is None:
-                slots.release()
-                continue
-            n += 1
-            log.info("connection %d from %s", n, peer)
-            reader = F.FrameReader(conn, limits)
-            t = threading.Thread(target=run_one, args=(conn, peer, reader), name=f"vne-conn-{n}", daemon=True)
-            try:
-                t.start()
-            except RuntimeError as exc:  # no thread to be had: drop this one, keep listening
-                slots.release()
-                log.error("connection %d from %s dropped: cannot start a thread (%s)", n, peer, exc)
-                try:
-                    conn.close()
-                except OSError:
-                    pass
-                continue
-            tracker.add(reader, t, peer)
-            if max_connections and n >= max_connections:
-                break
-    finally:
-        srv.close()
-        if stop.is_set():
-            log.warning("stop requested: no longer accepting connections (listener closed)")
-        tracker.drain(stop.is_set(), grace_s)
-    return n
+    return accept_connections(srv, serve_one, limits=limits, max_active=max_active, grace_s=grace_s,
+                              max_connections=max_connections, stop=stop, tracker=tracker, logger=log)
 
 
 def _limits(args):
@@ -254,7 +208,7 @@ def _mrd_options(args) -> "mrd_server.ServerOptions":
 
 def run(args) -> int:
     from ..runtime.model import load_model
-    from ..runtime.pipeline import PipelineConfig
+    from ..runtime.config import PipelineConfig
     from .infer import parse_properties
 
     if args.model and not Path(args.model).is_file():  # a named model must exist; a refused one serves pass-through

@@ -101,15 +101,9 @@ def exchange(host: str, port: int, header_xml: str, images: list, *, config=None
     Raises:
         InputError: unreachable server, no traffic for ``timeout`` seconds, or a lost connection.
     """
-    where = f"{host}:{port}"
-    try:
-        sock = socket.create_connection((host, port), timeout=connect_timeout)
-    except socket.timeout:
-        raise InputError(f"cannot connect to {where}: timed out after {connect_timeout:g} s") from None
-    except OSError as exc:
-        raise InputError(f"cannot connect to {where}: {exc.strerror or exc} (is `vne serve` or gadgetron running?)") from None
+    sock = _connect(host, port, connect_timeout, "`vne serve` or gadgetron")
     return exchange_on(sock, header_xml, images, config=config, timeout=timeout, on_sent=on_sent,
-                       on_received=on_received, where=where)
+                       on_received=on_received, where=f"{host}:{port}")
 
 
 def exchange_on(sock: socket.socket, header_xml: str, images: list, *, config=None, timeout: float = 120.0,
@@ -122,46 +116,77 @@ def exchange_on(sock: socket.socket, header_xml: str, images: list, *, config=No
 
     sock.settimeout(timeout)
     hdr = parse_header(header_xml)
-    send_error: list[BaseException] = []
 
-    def sender() -> None:
-        try:
-            ser = ProtocolSerializer(_SocketWriter(sock))
-            ser.serialize(config if config is not None else config_message(None))
-            ser.serialize(hdr)
-            for k, im in enumerate(images):
-                ser.serialize(im)
-                if on_sent:
-                    on_sent(k, im, time.perf_counter())
-            ser.close()
-        except BaseException as exc:
-            send_error.append(exc)
+    def send() -> None:
+        ser = ProtocolSerializer(_SocketWriter(sock))
+        ser.serialize(config if config is not None else config_message(None))
+        ser.serialize(hdr)
+        for k, im in enumerate(images):
+            ser.serialize(im)
+            if on_sent:
+                on_sent(k, im, time.perf_counter())
+        ser.close()
 
-    t = threading.Thread(target=sender, name="vne-stream-send", daemon=True)
-    t.start()
     received: list = []
     reader = sock.makefile("rb")
-    try:
+
+    def receive() -> None:
         for item in ProtocolDeserializer(reader).deserialize():
             received.append(item)
             if on_received:
                 on_received(item, time.perf_counter())
+
+    _converse(sock, send, receive, lambda: len(received), timeout=timeout, where=where, thread_name="vne-stream-send",
+              also_close=reader)
+    return received
+
+
+def _converse(sock: socket.socket, send, receive, n_received, *, timeout: float, where: str, thread_name: str,
+              also_close=None) -> None:
+    """Both directions of a client session at once: ``send()`` in a second thread (the server
+    answers each message as it arrives, so the client must read while it sends), ``receive()``
+    here until the peer's CLOSE; then ``also_close`` and the socket are closed.
+
+    ``receive`` raises EOFError when the peer closes without CLOSE; ``n_received()`` counts the
+    messages received so far, for the errors.
+
+    Raises:
+        InputError: no traffic for ``timeout`` s, a reply that cannot be framed, a connection
+            that ends without CLOSE or is lost, or a failed send (other than the peer having
+            closed: its replies say why).
+    """
+    from ..io.framing import FramingError
+
+    send_error: list[BaseException] = []
+
+    def sender() -> None:
+        try:
+            send()
+        except BaseException as exc:
+            send_error.append(exc)
+
+    t = threading.Thread(target=sender, name=thread_name, daemon=True)
+    t.start()
+    try:
+        receive()
+    except FramingError as exc:
+        raise InputError(f"reply from {where} cannot be read after {n_received()} messages: {exc}") from None
     except socket.timeout:
-        raise InputError(f"no reply from {where} for {timeout:g} s (received {len(received)} messages)") from None
+        raise InputError(f"no reply from {where} for {timeout:g} s (received {n_received()} messages)") from None
     except EOFError:
-        raise InputError(f"connection to {where} closed without CLOSE after {len(received)} messages") from None
+        raise InputError(f"connection to {where} closed without CLOSE after {n_received()} messages") from None
     except OSError as exc:
-        raise InputError(f"connection to {where} lost after {len(received)} messages: {exc.strerror or exc}") from None
+        raise InputError(f"connection to {where} lost after {n_received()} messages: {exc.strerror or exc}") from None
     finally:
         t.join(timeout=5)
         try:
-            reader.close()
+            if also_close is not None:
+                also_close.close()
             sock.close()
         except OSError:
             pass
     if send_error and not isinstance(send_error[0], (BrokenPipeError, ConnectionResetError)):
         raise InputError(f"sending to {where} failed: {send_error[0]}")
-    return received
 
 
 def run(args) -> int:
@@ -301,41 +326,25 @@ def exchange_mrd_on(sock: socket.socket, messages: list[bytes], *, timeout: floa
     from ..io import framing as F
 
     sock.settimeout(timeout)
-    send_error: list[BaseException] = []
 
-    def sender() -> None:
-        try:
-            for m in messages:
-                sock.sendall(m)
-        except BaseException as exc:
-            send_error.append(exc)
+    def send() -> None:
+        for m in messages:
+            sock.sendall(m)
 
-    t = threading.Thread(target=sender, name="vne-stream-mrd-send", daemon=True)
-    t.start()
     reply = MRDReply()
-    try:
+
+    def receive() -> None:
         while True:
             frame = F.read_frame(sock, limits or F.DEFAULT_LIMITS)
             if frame is None:
-                raise InputError(f"connection to {where} closed without CLOSE after {len(reply.frames)} messages")
+                raise EOFError  # closed without CLOSE
             if frame.msg_id == F.CLOSE:
                 reply.got_close = True
-                break
+                return
             reply.frames.append(frame)
-    except F.FramingError as exc:
-        raise InputError(f"reply from {where} cannot be read after {len(reply.frames)} messages: {exc}") from None
-    except socket.timeout:
-        raise InputError(f"no reply from {where} for {timeout:g} s (received {len(reply.frames)} messages)") from None
-    except OSError as exc:
-        raise InputError(f"connection to {where} lost after {len(reply.frames)} messages: {exc.strerror or exc}") from None
-    finally:
-        t.join(timeout=5)
-        try:
-            sock.close()
-        except OSError:
-            pass
-    if send_error and not isinstance(send_error[0], (BrokenPipeError, ConnectionResetError)):
-        raise InputError(f"sending to {where} failed: {send_error[0]}")
+
+    _converse(sock, send, receive, lambda: len(reply.frames), timeout=timeout, where=where,
+              thread_name="vne-stream-mrd-send")
     return reply
 
 

@@ -84,7 +84,8 @@ def collect_dicom(exams_dir, masks_dir, model=None, *, lesion_free_csv=None,
     from ..io.dicom import read_dicom_folder
     from .analysis import SliceResult
     from ..io.masks import MaskStore, MasksNotFound, read_lesion_free_csv, t1_slice_order
-    from ..runtime.pipeline import PipelineConfig, VNEPipeline
+    from ..runtime.config import PipelineConfig
+    from ..runtime.pipeline import VNEPipeline
     from ..prepare.slices import build_slices, on_t1_grid
 
     exams_dir, masks_dir = Path(exams_dir), Path(masks_dir)

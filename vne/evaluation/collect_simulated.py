@@ -42,7 +42,8 @@ def run_model_on_file(path: Path, model: Path | None, group: str | None = None,
     slice) and an exam the guard refused entirely returns no results instead of raising: a
     refused slice counts as missing, not as correct.
     """
-    from ..runtime.pipeline import PipelineConfig, VNEPipeline
+    from ..runtime.config import PipelineConfig
+    from ..runtime.pipeline import VNEPipeline
 
     header, raw = mrd_io.read_mrd_file(path, group=group)
     pipe = VNEPipeline(PipelineConfig(model=str(model) if model else None, cache_dir="none"), header=mrd_io.parse_header(header))

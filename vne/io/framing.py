@@ -28,12 +28,13 @@ does that on a copy, and its failure never affects the frame.
 
 Sizes of image ``data_type`` values follow the ISMRMRD C/C++ definition (``DATATYPE_INT`` is a
 4-byte int32), which is what the bytes on the wire are, whatever ``ismrmrd`` for Python makes of
-them (it decodes ``DATATYPE_INT`` as int64: see :class:`vne.runtime.pipeline.RawImage`).
+them (it decodes ``DATATYPE_INT`` as int64: see :class:`RawImage`).
 """
 from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import socket
 import struct
 import threading
@@ -378,7 +379,7 @@ def decode_image(frame: Frame):
     """The image of an IMAGE frame, decoded from a copy of its bytes.
 
     Returns:
-        an ``ismrmrd.Image``, or a :class:`vne.runtime.pipeline.RawImage` for 4-byte ``DATATYPE_INT``
+        an ``ismrmrd.Image``, or a :class:`RawImage` for 4-byte ``DATATYPE_INT``
         data (which ``ismrmrd`` for Python would misread).
 
     Raises:
@@ -396,6 +397,20 @@ def decode_image(frame: Frame):
     except Exception as exc:
         first = str(exc).splitlines()[0][:200] if str(exc) else ""
         raise ValueError(f"{exc.__class__.__name__}: {first}") from None
+
+
+def read_image_safely(source):
+    """Reader for IMAGE messages (``source.read(n)``, after the message id): an ``ismrmrd.Image``,
+    or a :class:`RawImage` for 4-byte ``DATATYPE_INT`` data."""
+    header_bytes = source.read(ctypes.sizeof(ismrmrd.ImageHeader))
+    head = ismrmrd.ImageHeader.from_buffer_copy(header_bytes)
+    if head.data_type != ismrmrd.DATATYPE_INT:
+        return ismrmrd.Image.deserialize_from_with_header(header_bytes, source.read)
+    len_bytes = source.read(8)
+    attr = source.read(int(ctypes.c_uint64.from_buffer_copy(len_bytes).value))
+    n = int(head.channels) * math.prod(int(v) for v in head.matrix_size)
+    data = source.read(4 * n)
+    return RawImage(head, header_bytes + len_bytes + attr + data)
 
 
 # ---------------------------------------------------------------------------- writing
@@ -417,7 +432,7 @@ def pack_close() -> bytes:
 
 
 def pack_image(image) -> bytes:
-    """An ``ismrmrd.Image`` (or a :class:`vne.runtime.pipeline.RawImage`) as an IMAGE message."""
+    """An ``ismrmrd.Image`` (or a :class:`RawImage`) as an IMAGE message."""
     payload = getattr(image, "payload", None)
     if isinstance(payload, (bytes, bytearray)):
         return _ID.pack(IMAGE) + bytes(payload)
@@ -427,6 +442,12 @@ def pack_image(image) -> bytes:
 def pack_item(msg_id: int, item) -> bytes:
     """An ``ismrmrd`` Acquisition / Waveform / Image as a message."""
     return _ID.pack(msg_id) + item.to_bytes()
+
+
+def write_raw_image(destination, raw: RawImage) -> None:
+    """A :class:`RawImage` as an IMAGE message, byte for byte (``destination.write(bytes)``)."""
+    destination.write(struct.pack("<H", IMAGE))
+    destination.write(raw.payload)
 
 
 def linger_close(sock, seconds: float, max_bytes: int = 256 * MiB) -> None:

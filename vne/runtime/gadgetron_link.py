@@ -344,7 +344,7 @@ def run_link(link: GadgetronLink, defaults=None, *, model=None, cache_wait_s: fl
 
     Args:
         link: the stream (:meth:`GadgetronLink.open` or :meth:`GadgetronLink.from_connection`).
-        defaults: :class:`vne.runtime.pipeline.PipelineConfig` the stream's properties go on top of.
+        defaults: :class:`vne.runtime.config.PipelineConfig` the stream's properties go on top of.
         model: a loaded :class:`vne.runtime.model.VNEModel` to reuse.
         cache_wait_s: how long the study-cache write may hold our CLOSE back
             (default :data:`vne.runtime.study_store.WRITE_WAIT_S`).
@@ -352,7 +352,8 @@ def run_link(link: GadgetronLink, defaults=None, *, model=None, cache_wait_s: fl
     Returns:
         the :class:`vne.runtime.pipeline.VNEPipeline` (never raises).
     """
-    from .pipeline import PipelineConfig, VNEPipeline, properties_from_config
+    from .config import PipelineConfig, properties_from_config
+    from .pipeline import VNEPipeline
     from .study_store import WRITE_WAIT_S, wait_for_write
 
     props = properties_from_config(link.config_text)
@@ -420,7 +421,7 @@ def run_connection(connection, defaults=None, *, model=None):
     Args:
         connection: a ``gadgetron.external.Connection`` (CONFIG and HEADER read; execute mode)
             or a :class:`GadgetronLink` (``vne serve``).
-        defaults: a :class:`vne.runtime.pipeline.PipelineConfig` the connection's properties are applied
+        defaults: a :class:`vne.runtime.config.PipelineConfig` the connection's properties are applied
             on top of (``vne serve``), or None.
 
     Returns:

@@ -17,6 +17,8 @@ The quality guard then reads the window (:func:`vne.runtime.qc.check_inputs` wit
 verdict as on the full grid), :func:`predict` runs the model on the window and pastes the VNE
 into a full T1-grid image (:func:`vne.prepare.roi.paste`). Each step's time is kept in
 :attr:`Prepared.timings` (ms), which the pipeline logs and ``benchmarks/profile_slice.py`` prints.
+:func:`guarded_vne` is the whole chain as the pipeline runs it: prepare, the guard on the inputs,
+the model, the guard on the output, and the ``qc`` action (withhold or mark) on its verdict.
 
 :func:`vne.prepare.slices.on_t1_grid` remains the full-grid path for training caches and evaluation.
 """
@@ -25,6 +27,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -33,6 +36,7 @@ from ..prepare.contract import ModelContract, cine_cycle, inputs_from_cycle
 from ..errors import InputError
 from ..exam.data import MRImage, SliceSet
 from ..exam.resampling import Window, grid_map
+from .qc import QCResult, check_inputs, check_output
 
 log = logging.getLogger(__name__)
 
@@ -191,3 +195,86 @@ def predict(model, p: Prepared) -> np.ndarray:
     vne = y if p.full_grid else roi.paste(y, p.window, p.shape)
     p.timings["model"] = 1000.0 * (time.perf_counter() - t0)
     return vne
+
+
+def guarded_vne(model, s: SliceSet, *, qc_action: str, field_t: Callable[[], float | None],
+                problem: Callable[[str], None], match_ms: float = 0.0) -> tuple[np.ndarray, QCResult | None, Prepared] | None:
+    """VNE of one complete slice (:func:`prepare`, :func:`predict`), guarded
+    (:mod:`vne.runtime.qc`); thread-safe (a worker runs it with a pool).
+
+    Args:
+        qc_action: the ``qc`` property: ``withhold`` (a failed verdict: no VNE), ``mark`` (sent,
+            marked) or ``off`` (no guard).
+        field_t: the stream's field strength in T (or None), asked only when the guard runs.
+        problem: reports a reason, one line (the pipeline logs and lists it).
+        match_ms: time spent assembling the slice, first in the timings.
+
+    Returns:
+        (VNE (H, W) float32 in normalised PSIR units on the T1 grid, the guard's verdict or None
+        with qc off, the prepared slice), or None when no VNE is made or it is withheld (the
+        reason reported).
+    """
+    try:
+        prep = prepare(model.contract, s)
+    except InputError as exc:
+        msg = str(exc)
+        problem(f"no VNE for {msg if msg.startswith(s.key) else s.key + ': ' + msg}")
+        return None
+    except Exception as exc:  # a bug below must cost this slice only
+        log.exception("VNE: internal error preparing %s", s.key)
+        problem(f"no VNE for {s.key}: internal error ({exc.__class__.__name__}: {exc})")
+        return None
+    prep.timings = {"match": match_ms, **prep.timings}
+    t0 = time.perf_counter()
+    verdict = _check_inputs(model, prep, qc_action, field_t, problem)
+    prep.timings["guard"] = 1000.0 * (time.perf_counter() - t0)
+    if verdict is False:
+        return None
+    try:
+        vne = predict(model, prep)
+    except InputError as exc:
+        problem(f"no VNE for {s.key}: model run failed: {exc}")
+        return None
+    except Exception as exc:
+        problem(f"no VNE for {s.key}: model run failed ({exc.__class__.__name__}: {exc})")
+        return None
+    qc = None
+    t0 = time.perf_counter()
+    if verdict is not None:
+        try:
+            qc = verdict[0] + check_output(vne, verdict[1])
+        except Exception as exc:  # the guard must not be the thing that breaks the chain
+            log.exception("VNE: quality guard failed on %s", s.key)
+            qc = verdict[0] + QCResult(False, f"quality guard error ({exc.__class__.__name__}: {exc})", 0.0)
+        prep.timings["guard_output"] = 1000.0 * (time.perf_counter() - t0)
+        if not qc.passed and qc_action == "withhold":
+            problem(f"no VNE for {s.key}: quality guard: {qc.reason} (qc=withhold)")
+            return None
+        if not qc.passed:
+            problem(f"{s.key}: quality guard failed: {qc.reason}; VNE sent marked VNE_QC=FAIL (qc=mark)")
+    return vne, qc, prep
+
+
+def _check_inputs(model, prep: Prepared, qc_action: str, field_t: Callable[[], float | None],
+                  problem: Callable[[str], None]):
+    """The guard before the model. Returns None (qc off), False (withheld: reported), or
+    (input verdict, LV regions) to pass on to the output check."""
+    if qc_action == "off":
+        return None
+    c = model.contract
+    x = prep.x
+    try:
+        if prep.lv_error:
+            raise RuntimeError(prep.lv_error)
+        verdict, lv = check_inputs(
+            prep.t1_map_ms, x["cine"][0], x["ir"][0], x["ir_ti_ms"][0],
+            pixel_mm=prep.pixel_mm, field_t=field_t(),
+            trained_fields_t=c.trained_field_strengths_t, ti_range_ms=c.trained_ti_range_ms,
+            lv=prep.lv, window=prep.window)
+    except Exception as exc:  # the guard must not be the thing that breaks the chain
+        log.exception("VNE: quality guard failed on %s", prep.key)
+        verdict, lv = QCResult(False, f"quality guard error ({exc.__class__.__name__}: {exc})", 0.0), None
+    if not verdict.passed and qc_action == "withhold":
+        problem(f"no VNE for {prep.key}: quality guard: {verdict.reason} (qc=withhold)")
+        return False
+    return verdict, lv

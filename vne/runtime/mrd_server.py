@@ -18,8 +18,8 @@ CLOSE, never a dropped connection.
 
 Entry points: :func:`process` (the VNE program for one connection, python-ismrmrd-server's
 ``process(connection, config, metadata)``), :func:`passthrough` (any other config name),
-:func:`handle` (one accepted socket) and :func:`serve` (the accept loop: a thread per
-connection, at most ``max_active`` at once).
+:func:`handle` (one accepted socket) and :func:`serve` (the accept loop,
+:func:`vne.runtime.listener.accept_connections`: a thread per connection, at most ``max_active`` at once).
 """
 from __future__ import annotations
 
@@ -43,8 +43,7 @@ VNE_CONFIG = "vne"
 DEBUG, INFO, WARNING, ERROR, CRITICAL = "DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"
 
 # JSON parameters a client may not set: server-side paths stay the server's (--model, --cache-dir)
-from . import memory  # noqa: E402
-from .pipeline import SERVER_ONLY_PROPERTIES  # noqa: E402  (one definition: model, model_sha256, cache_dir)
+from .config import SERVER_ONLY_PROPERTIES  # noqa: E402  (one definition: model, model_sha256, cache_dir)
 
 
 @dataclass(frozen=True)
@@ -218,10 +217,10 @@ def is_vne(name: str | None) -> bool:
 
 def vne_properties(config) -> tuple[dict[str, str], list[str]]:
     """(pipeline properties, notes) from a JSON config's ``parameters``: the names of
-    :data:`vne.runtime.pipeline.PROPERTY_DOCS` and ``role_*``, or their OpenRecon ids (the name without
+    :data:`vne.runtime.config.PROPERTY_DOCS` and ``role_*``, or their OpenRecon ids (the name without
     underscores, as OpenRecon allows ``[A-Za-z0-9]`` only: ``pixeltype``); others (scanner UI
     parameters) are ignored."""
-    from .pipeline import PROPERTY_DOCS
+    from .config import PROPERTY_DOCS
 
     aliases = {p.replace("_", "").lower(): p for p in PROPERTY_DOCS if "<" not in p}
 
@@ -272,13 +271,14 @@ def process(connection: MRDConnection, config, metadata, *, defaults=None, model
         connection: the :class:`MRDConnection` after CONFIG and HEADER.
         config: the JSON config (dict) or the config name (str).
         metadata: the ISMRMRD header (XML text, parsed, or None).
-        defaults: server-side :class:`vne.runtime.pipeline.PipelineConfig` the parameters go on top of.
+        defaults: server-side :class:`vne.runtime.config.PipelineConfig` the parameters go on top of.
         model: the server's loaded model.
 
     Returns:
         the pipeline (None if it could not be made).
     """
-    from .pipeline import PipelineConfig, VNEPipeline
+    from .config import PipelineConfig
+    from .pipeline import VNEPipeline
 
     props, notes = vne_properties(config)
     for note in notes:
@@ -462,45 +462,14 @@ def serve(srv: socket.socket, defaults=None, model=None, options: ServerOptions 
     at once (the next one gets a TEXT "busy" and CLOSE). On ``stop``, open connections get
     ``options.grace_s`` (:mod:`vne.runtime.shutdown`; ``tracker.result`` says what happened to them).
     Returns the number accepted."""
-    from .shutdown import ConnectionTracker
+    from .listener import accept_connections
 
-    stop = stop or threading.Event()
-    tracker = tracker or ConnectionTracker()
-    slots = threading.BoundedSemaphore(max(1, int(options.max_active)))
-    srv.settimeout(0.5)
-    n = failures = 0
+    def serve_one(conn, peer, reader):
+        handle(conn, peer, defaults, model, options, reader)
 
-    def run_one(conn, peer, reader):
-        try:
-            handle(conn, peer, defaults, model, options, reader)
-        finally:
-            slots.release()
-            memory.trim()  # the stream's images are free: give the memory back (vne.runtime.memory)
+    def busy(conn, peer):
+        _reject_busy(conn, peer, options)
 
-    try:
-        while not stop.is_set():
-            try:
-                conn, peer, failures = F.accept_once(srv, stop, failures)
-            except F.ListenerClosed:
-                break
-            if conn is None:
-                continue
-            n += 1
-            reader = F.FrameReader(conn, options.limits)
-            if slots.acquire(blocking=False):
-                log.info("MRD connection %d from %s", n, peer)
-                t = threading.Thread(target=run_one, args=(conn, peer, reader), name=f"vne-mrd-{n}", daemon=True)
-            else:
-                log.warning("MRD connection %d from %s refused: %d connections active", n, peer, options.max_active)
-                reader.waiting = True  # nothing of it is served: a stop never cuts it
-                t = threading.Thread(target=_reject_busy, args=(conn, peer, options), name=f"vne-mrd-busy-{n}", daemon=True)
-            t.start()
-            tracker.add(reader, t, peer)
-            if max_connections and n >= max_connections:
-                break
-    finally:
-        srv.close()
-        if stop.is_set():
-            log.warning("MRD: stop requested: no longer accepting connections (listener closed)")
-        tracker.drain(stop.is_set(), options.grace_s)
-    return n
+    return accept_connections(srv, serve_one, limits=options.limits, max_active=options.max_active,
+                              grace_s=options.grace_s, busy=busy, max_connections=max_connections, stop=stop,
+                              tracker=tracker, logger=log, label="MRD", thread_name="vne-mrd")
