@@ -21,9 +21,9 @@ Formats
   taken and resampled onto the T1 grid nearest-neighbour (:func:`vne.exam.geometry.resample_to_grid`,
   identity when the grids agree). Spatial units other than mm (``xyzt_units``) are converted.
 - **DICOM-SEG** (Segmentation Storage, BINARY or FRACTIONAL; any file name, one object per
-  study or several). Segments are found by SegmentLabel (then SegmentDescription, then the
-  segmented property type's CodeMeaning), compared case- and punctuation-insensitively with
-  configurable names (:data:`DEFAULT_NAMES`). Frames are mapped to a T1 map by the
+  study or several), read with highdicom (:mod:`vne.io.dicom_seg`). Segments are found by
+  SegmentLabel (then SegmentDescription, then the segmented property type's CodeMeaning),
+  compared case- and punctuation-insensitively with configurable names (:data:`DEFAULT_NAMES`). Frames are mapped to a T1 map by the
   ReferencedSOPInstanceUID of their DerivationImageSequence / SourceImageSequence; when no
   frame references the T1 map, by plane position and orientation (same FrameOfReferenceUID,
   the :func:`vne.exam.geometry.planes_match` rule, the nearest plane wins). A segment without a
@@ -64,7 +64,7 @@ import csv
 import logging
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -72,7 +72,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..exam.data import Geometry, MRImage, Role
-from ..exam.geometry import centre_from_first_pixel, plane_distance_mm, planes_match, resample_to_grid, same_grid, same_plane
+from .dicom_seg import LABEL_MAP_SEGMENTATION_STORAGE, SEGMENTATION_STORAGE, DicomSeg, read_dicom_seg, seg_covers, seg_frames_for, segment_on_grid
 from .nifti import nifti_on_grid, read_nifti
 
 log = logging.getLogger(__name__)
@@ -95,8 +95,6 @@ DEFAULT_NAMES: dict[str, tuple[str, ...]] = {
     "lge_remote": ("lge remote",),
 }
 DEFAULT_THRESHOLD = 0.5
-SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
-LABEL_MAP_SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.7"
 _NIFTI_SUFFIXES = (".nii.gz", ".nii")
 _MASK_FILE_SUFFIXES = (".npy",) + _NIFTI_SUFFIXES
 _NOT_DICOM_SUFFIXES = (".npz", ".npy", ".nii", ".gz", ".csv", ".json", ".txt", ".md", ".png", ".jpg", ".yaml", ".yml")
@@ -167,7 +165,7 @@ class SliceMasks:
     source: str = ""
 
 
-def masks_from_values(values: Mapping[str, np.ndarray], shape: tuple[int, int], source: str,
+def masks_from_values(values: Mapping[str, np.ndarray], shape: tuple[int, ...], source: str,
                       threshold: float = DEFAULT_THRESHOLD) -> SliceMasks:
     """:class:`SliceMasks` from role -> (H, W) values already on the T1 grid.
 
@@ -224,175 +222,7 @@ def _arrays_by_role(arrays: Mapping[str, np.ndarray], names, source: str, prefix
     return out
 
 
-# ----------------------------------------------------------------------------- DICOM-SEG
-
-
-@dataclass
-class SegFrame:
-    """One frame of a segmentation: its segment, plane (None if not given) and referenced images."""
-
-    index: int
-    segment: int
-    geometry: Geometry | None
-    refs: frozenset[str]
-
-
-@dataclass
-class SegSegment:
-    number: int
-    label: str
-    description: str = ""
-    property_type: str = ""
-
-
-@dataclass
-class DicomSeg:
-    """The header of a DICOM Segmentation object (pixels are read on demand)."""
-
-    path: Path
-    segments: dict[int, SegSegment]
-    frames: list[SegFrame]
-    rows: int
-    columns: int
-    fractional: bool
-    max_fractional: float
-    frame_of_reference_uid: str
-    study_uid: str
-    referenced: frozenset[str]
-    _pixels: np.ndarray | None = field(default=None, repr=False)
-
-    def pixels(self) -> np.ndarray:
-        """(frames, rows, columns): 0/1 for BINARY, the fraction 0..1 for FRACTIONAL."""
-        if self._pixels is None:
-            import pydicom
-
-            try:
-                ds = pydicom.dcmread(self.path)
-                px = np.asarray(ds.pixel_array)
-            except Exception as exc:  # pydicom raises many types for broken pixel data
-                raise InputError(f"{self.path}: unreadable segmentation pixel data ({exc.__class__.__name__}: {exc})") from None
-            if px.ndim == 2:
-                px = px[None]
-            if px.shape != (len(self.frames), self.rows, self.columns):
-                raise InputError(f"{self.path}: pixel data {px.shape} do not match {len(self.frames)} frames of "
-                                 f"{self.rows}x{self.columns}")
-            px = px.astype(np.float32)
-            if self.fractional:
-                px = px / self.max_fractional
-            self._pixels = px
-        return self._pixels
-
-
-def _item(fg, shared, seq: str):
-    for group in (fg, shared):
-        if group is not None and seq in group and len(group[seq].value):
-            return group[seq].value[0]
-    return None
-
-
-def _code_meaning(ds) -> str:
-    seq = ds.get("SegmentedPropertyTypeCodeSequence")
-    return str(seq[0].get("CodeMeaning", "")) if seq else ""
-
-
-def read_dicom_seg(path, ds=None) -> DicomSeg:
-    """The segments and frames of a DICOM-SEG file (``ds``: its dataset, if already read).
-
-    Raises:
-        InputError: not a Segmentation Storage object, a LABELMAP segmentation, or frames
-            without a segment number.
-    """
-    import pydicom
-
-    path = Path(path)
-    if ds is None:
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-        except Exception as exc:
-            raise InputError(f"{path}: not a readable DICOM file ({exc.__class__.__name__}: {exc})") from None
-    if str(ds.get("SOPClassUID", "")) != SEGMENTATION_STORAGE:
-        raise InputError(f"{path}: not a DICOM Segmentation (SOPClassUID {ds.get('SOPClassUID', 'missing')})")
-    seg_type = str(ds.get("SegmentationType", "BINARY")).upper()
-    if seg_type not in ("BINARY", "FRACTIONAL"):
-        raise InputError(f"{path}: {seg_type} segmentations are not supported (need BINARY or FRACTIONAL: the masks overlap)")
-    segments = {}
-    for s in ds.get("SegmentSequence", []):
-        n = int(s.SegmentNumber)
-        segments[n] = SegSegment(n, str(s.get("SegmentLabel", "")), str(s.get("SegmentDescription", "") or ""), _code_meaning(s))
-    if not segments:
-        raise InputError(f"{path}: segmentation has no SegmentSequence")
-    shared = ds.SharedFunctionalGroupsSequence[0] if ds.get("SharedFunctionalGroupsSequence") else None
-    per_frame = list(ds.get("PerFrameFunctionalGroupsSequence", []))
-    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
-    if per_frame and len(per_frame) != n_frames:
-        raise InputError(f"{path}: {len(per_frame)} per-frame functional groups for {n_frames} frames")
-    rows, cols = int(ds.Rows), int(ds.Columns)
-    frames = []
-    referenced = set()
-    for f in range(n_frames):
-        fg = per_frame[f] if per_frame else None
-        ident = _item(fg, shared, "SegmentIdentificationSequence")
-        if ident is None or "ReferencedSegmentNumber" not in ident:
-            if len(segments) != 1:
-                raise InputError(f"{path}: frame {f + 1} has no ReferencedSegmentNumber")
-            number = next(iter(segments))
-        else:
-            number = int(ident.ReferencedSegmentNumber)
-        refs = set()
-        for group in (fg, shared):
-            for der in (group.get("DerivationImageSequence", []) if group is not None else []):
-                for src in der.get("SourceImageSequence", []):
-                    if "ReferencedSOPInstanceUID" in src:
-                        refs.add(str(src.ReferencedSOPInstanceUID))
-        referenced |= refs
-        geom = None
-        pos, ori, meas = (_item(fg, shared, s) for s in ("PlanePositionSequence", "PlaneOrientationSequence", "PixelMeasuresSequence"))
-        try:
-            ipp = [float(v) for v in pos.ImagePositionPatient]
-            iop = [float(v) for v in ori.ImageOrientationPatient]
-            dy, dx = (float(v) for v in meas.PixelSpacing)
-            thick = float(meas.get("SliceThickness", 0) or 0)
-            centre = centre_from_first_pixel(ipp, iop[:3], iop[3:], (dy, dx), (rows, cols))
-            geom = Geometry(position_mm=tuple(float(c) for c in centre), read_dir=tuple(iop[:3]), phase_dir=tuple(iop[3:]),
-                            pixel_spacing_mm=(dy, dx), shape=(rows, cols), slice_thickness_mm=thick if thick > 0 else 8.0)
-            geom.validate()
-            geom = geom.normalised()
-        except (AttributeError, TypeError, ValueError, InputError):
-            geom = None
-        frames.append(SegFrame(f, number, geom, frozenset(refs)))
-    for rs in ds.get("ReferencedSeriesSequence", []):
-        for ri in rs.get("ReferencedInstanceSequence", []):
-            if "ReferencedSOPInstanceUID" in ri:
-                referenced.add(str(ri.ReferencedSOPInstanceUID))
-    max_frac = float(ds.get("MaximumFractionalValue", 255) or 255) if seg_type == "FRACTIONAL" else 1.0
-    return DicomSeg(path=path, segments=segments, frames=frames, rows=rows, columns=cols, fractional=seg_type == "FRACTIONAL",
-                    max_fractional=max_frac, frame_of_reference_uid=str(ds.get("FrameOfReferenceUID", "")),
-                    study_uid=str(ds.get("StudyInstanceUID", "")), referenced=frozenset(referenced))
-
-
-def seg_covers(seg: DicomSeg, t1: MRImage) -> bool:
-    """Whether ``seg`` segments this T1 map: it references the instance, or a frame lies on it."""
-    sop = str(t1.meta.get("SOPInstanceUID", ""))
-    return bool(sop and sop in seg.referenced) or bool(seg_frames_for(seg, t1))
-
-
-def seg_frames_for(seg: DicomSeg, t1: MRImage) -> list[SegFrame]:
-    """The frames of ``seg`` on the T1 map: those referencing it, else those in its plane."""
-    sop = str(t1.meta.get("SOPInstanceUID", ""))
-    by_ref = [f for f in seg.frames if sop and sop in f.refs]
-    if by_ref:
-        return by_ref
-    same_space = ((seg.frame_of_reference_uid and seg.frame_of_reference_uid == t1.frame_of_reference_uid)
-                  or (not (seg.frame_of_reference_uid and t1.frame_of_reference_uid) and seg.study_uid and seg.study_uid == t1.study_uid))
-    if not same_space:
-        return []
-    target = t1.geometry
-    matching = [(plane_distance_mm(f.geometry, target), f) for f in seg.frames
-                if f.geometry is not None and planes_match(f.geometry, target)[0]]
-    if not matching:
-        return []
-    best = min(matching, key=lambda x: x[0])[1]
-    return [f for _, f in matching if same_plane(f.geometry, best.geometry)]
+# ----------------------------------------------------------------------------- DICOM-SEG segments
 
 
 def _assign_segments(segs: list[DicomSeg], names) -> tuple[dict[str, tuple[DicomSeg, int]], str]:
@@ -443,26 +273,8 @@ def seg_masks(segs: Sequence[DicomSeg], t1: MRImage, names=None, threshold: floa
     if missing:
         raise InputError(f"{src}: no segment labelled as {' / '.join(missing)} (segments: {available}); "
                          "pass the segment names that the file uses")
-    values: dict[str, np.ndarray] = {}
     frames_of = {id(seg): fr for seg, fr in on}
-    for role, (seg, number) in assignment.items():
-        acc = np.zeros(target.shape, np.float32)
-        for f in frames_of[id(seg)]:
-            if f.segment != number:
-                continue
-            px = seg.pixels()[f.index]
-            if f.geometry is not None:
-                ok, why = planes_match(f.geometry, target)
-                if not ok:
-                    raise InputError(f"{seg.path}: frame {f.index + 1} references the T1 map but is off its plane ({why})")
-                on_grid = px if same_grid(f.geometry, target) else resample_to_grid(px, f.geometry, target, order=0)[0]
-            elif px.shape == tuple(target.shape):
-                on_grid = px
-            else:
-                raise InputError(f"{seg.path}: frame {f.index + 1} has no plane position and is {px.shape}, "
-                                 f"the T1 map is {tuple(target.shape)}")
-            acc = np.maximum(acc, on_grid)
-        values[role] = acc
+    values = {role: segment_on_grid(seg, frames_of[id(seg)], number, target) for role, (seg, number) in assignment.items()}
     return masks_from_values(values, target.shape, src, threshold)
 
 
@@ -540,7 +352,7 @@ class MaskStore:
         log.info("masks %s: %d .npz, %d per-mask stems, %d DICOM-SEG", self.root, len(self.npz), len(self.mask_files), len(self.segs))
 
     def _walk(self) -> list[Path]:
-        out = []
+        out: list[Path] = []
         for dirpath, dirnames, filenames in os.walk(self.root):
             dirnames.sort()
             out.extend(Path(dirpath) / f for f in sorted(filenames) if not f.startswith("."))
@@ -634,13 +446,13 @@ class MaskStore:
             if stem in self.mask_files:
                 found.append(("files", stem, ""))
         for st in studies:
-            path = self.npz.get(st)
-            if path is None:
+            study_npz = self.npz.get(st)
+            if study_npz is None:
                 continue
-            keys = self._npz_arrays(path)
+            keys = self._npz_arrays(study_npz)
             for sk in slices:
                 if any(k.startswith(sk + "_") and _role_of(k[len(sk) + 1:], self.names) for k in keys):
-                    found.append(("npz", path, sk + "_"))
+                    found.append(("npz", study_npz, sk + "_"))
         segs = [seg for seg in self.segs if seg_covers(seg, t1)]
         if segs:
             found.append(("seg", tuple(segs), ""))
