@@ -415,6 +415,26 @@ def test_dicom_seg_of_highdicom_and_ours_agree(case, tmp_path):
             assert_masks_equal(store.load(t1), {r: truth[f"s{k}_{r}"] for r in roles})
 
 
+def test_dicom_seg_with_unaligned_binary_frames_and_files_highdicom_refuses(case, tmp_path):
+    """BINARY frames of 331x367 pixels (not a whole number of bytes) load exactly; a SEG that
+    highdicom refuses (here: no SegmentLabel, a Type 1 attribute) is a one-line InputError."""
+    from vne.exam.geometry import crop_geometry
+    t1s, truth, pid = case
+    roles = ("myocardium", "remote", "blood_pool")
+    rows, cols = slice(0, 331), slice(0, 367)
+    small = [MRImage(**{**t1.__dict__, "geometry": crop_geometry(t1.geometry, rows, cols), "pixels": None}) for t1 in t1s]
+    path = write_seg(tmp_path / "odd" / "seg.dcm", small, [(r, r, [truth[f"s{k}_{r}"][rows, cols] for k in range(len(t1s))]) for r in roles])
+    for k, t1 in enumerate(small):
+        assert_masks_equal(M.load_masks(path, t1), {r: truth[f"s{k}_{r}"][rows, cols] for r in roles})
+    ds = pydicom.dcmread(path)
+    for item in ds.SegmentSequence:
+        del item.SegmentLabel
+    ds.save_as(tmp_path / "nolabel.dcm")
+    with pytest.raises(InputError, match="not a valid DICOM Segmentation.*SegmentLabel") as e:
+        M.load_masks(tmp_path / "nolabel.dcm", small[0])
+    _one_line(e)
+
+
 # ----------------------------------------------------------------------------- errors
 
 
