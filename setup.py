@@ -18,9 +18,10 @@ setup(
         "scipy>=1.10",
         "ismrmrd>=1.14,<2",
         "gadgetron>=1.4",
-        "pydicom>=2.4",
+        "pydicom>=3.0.1",  # the floor of highdicom; vne.io.dicom_seg uses pydicom.pixels
         "h5py>=3.8",
-        "nibabel>=5",  # NIfTI evaluation masks (vne evaluate --masks)
+        "nibabel>=5",  # NIfTI evaluation masks (vne evaluate --masks, vne.io.nifti)
+        "highdicom>=0.28",  # DICOM-SEG evaluation masks (vne evaluate --masks, vne.io.dicom_seg); no torch
         "tqdm>=4.60",
         "matplotlib>=3.7",
         ORT,

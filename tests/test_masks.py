@@ -24,6 +24,7 @@ from vne.errors import InputError
 from vne.exam.data import Geometry, MRImage
 from vne.exam.geometry import first_pixel_from_centre, pixel_centres_mm
 from vne.io import masks as M
+from vne.io import nifti as N
 
 MASKS = ("myocardium", "remote", "blood_pool", "lesion")
 
@@ -89,7 +90,7 @@ def test_simulator_truth_file_is_a_study_npz(case, sim_set, tmp_path):
 
 
 def ras_affine(g: Geometry) -> np.ndarray:
-    """Independent of vne.io.masks: voxel (i=column, j=row, k) -> RAS mm for a mask stored as mask.T."""
+    """Independent of vne.io.nifti: voxel (i=column, j=row, k) -> RAS mm for a mask stored as mask.T."""
     dy, dx = g.pixel_spacing_mm
     a = np.eye(4)
     a[:3, 0] = np.asarray(g.read_dir) * dx
@@ -106,11 +107,11 @@ def test_nifti_on_the_t1_grid_loads_exactly(case, tmp_path, suffix):
     root = tmp_path / "masks"
     for k, t1 in enumerate(t1s):
         for m in MASKS:
-            M.write_nifti_mask(root / pid / f"s{k}_{m}{suffix}", truth[f"s{k}_{m}"], t1.geometry)
+            N.write_nifti_mask(root / pid / f"s{k}_{m}{suffix}", truth[f"s{k}_{m}"], t1.geometry)
     store = M.MaskStore(root)
     for k, t1 in enumerate(t1s):
         assert_masks_equal(store.load(t1, slice_index=k, study_keys=[pid]), truth_of(truth, k))
-    img = M.read_nifti(root / pid / f"s0_myocardium{suffix}")
+    img = N.read_nifti(root / pid / f"s0_myocardium{suffix}")
     assert img.data.shape == (t1s[0].geometry.shape[1], t1s[0].geometry.shape[0], 1)
     assert np.allclose(img.affine, ras_affine(t1s[0].geometry), atol=1e-4)  # RAS, first pixel, mask.T
 
@@ -133,8 +134,8 @@ def test_nifti_files_of_nibabel_and_ours_agree(case, tmp_path):
             img.set_qform(a if name == "qform" else None, code=1 if name == "qform" else 0)
         path = tmp_path / f"{name}.nii.gz"
         nib.save(img, str(path))
-        assert np.array_equal(M.nifti_on_grid(M.read_nifti(path), g) >= 0.5, want), name
-    ours = nib.load(str(M.write_nifti_mask(tmp_path / "ours.nii", want, g)))
+        assert np.array_equal(N.nifti_on_grid(N.read_nifti(path), g) >= 0.5, want), name
+    ours = nib.load(str(N.write_nifti_mask(tmp_path / "ours.nii", want, g)))
     assert np.allclose(ours.affine, a, atol=1e-4) and np.allclose(ours.get_qform(), a, atol=1e-4)
     assert np.array_equal(np.asarray(ours.dataobj)[:, :, 0].T, want)
 
@@ -150,7 +151,7 @@ def test_nifti_qform_only_flipped_rows_and_float_masks(case, tmp_path):
         flip[1, 1], flip[1, 3] = -1, ny - 1  # stored row j is T1 row ny-1-j
         a = ras_affine(g) @ flip
         data = truth[f"s1_{m}"][::-1].T[:, :, None].astype(np.float32) * 0.9 + 0.05
-        path = M.write_nifti(root / f"{t1s[1].meta['SOPInstanceUID']}_{m}.nii", data, a)
+        path = N.write_nifti(root / f"{t1s[1].meta['SOPInstanceUID']}_{m}.nii", data, a)
         raw = bytearray(path.read_bytes())
         raw[254:256] = (0).to_bytes(2, "little")  # sform_code = 0: the qform places it
         path.write_bytes(bytes(raw))
@@ -168,8 +169,8 @@ def test_nifti_on_another_grid_is_resampled_nearest_neighbour(case, tmp_path):
     to_t1 = np.eye(4)  # fine (i = fine row, j = fine column) -> T1 voxel (column, row)
     to_t1[:3, :3] = [[0, 1 / 3, 0], [1 / 3, 0, 0], [0, 0, 1]]
     to_t1[:3, 3] = [-(1 + 1) / 3, -(5 + 1) / 3, 0]  # fine index 1 + 3c + pad offset is T1 index c
-    path = M.write_nifti(tmp_path / "fine.nii.gz", pad[:, :, None].astype(np.uint8), ras_affine(g) @ to_t1)
-    got = M.nifti_on_grid(M.read_nifti(path), g)
+    path = N.write_nifti(tmp_path / "fine.nii.gz", pad[:, :, None].astype(np.uint8), ras_affine(g) @ to_t1)
+    got = N.nifti_on_grid(N.read_nifti(path), g)
     assert np.array_equal(got >= 0.5, truth["s0_myocardium"])
     # (2) a coarser grid rotated in plane by 30 degrees, 1 mm off the plane: nearest voxel by inverse affine
     th = np.deg2rad(30)
@@ -180,8 +181,8 @@ def test_nifti_on_another_grid_is_resampled_nearest_neighbour(case, tmp_path):
     rng = np.random.default_rng(3)
     data = (rng.random((170, 150)) > 0.5).astype(np.uint8)  # [i = column, j = row]
     a = ras_affine(other)
-    path = M.write_nifti(tmp_path / "rot.nii", data[:, :, None], a)
-    got = M.nifti_on_grid(M.read_nifti(path), g)
+    path = N.write_nifti(tmp_path / "rot.nii", data[:, :, None], a)
+    got = N.nifti_on_grid(N.read_nifti(path), g)
     ras = pixel_centres_mm(g) * np.array([-1, -1, 1])
     ijk = (np.linalg.inv(a) @ np.concatenate([ras, np.ones(ras.shape[:2] + (1,))], -1)[..., None])[..., :3, 0]
     ii, jj = np.rint(ijk[..., 0]).astype(int), np.rint(ijk[..., 1]).astype(int)
@@ -194,9 +195,9 @@ def test_nifti_on_another_grid_is_resampled_nearest_neighbour(case, tmp_path):
     assert np.array_equal(got[clear], want[clear])
     # (3) a plane 6 mm away does not match
     far = replace(other, position_mm=tuple(np.asarray(g.position_mm) + 6.0 * g.slice_dir))
-    path = M.write_nifti(tmp_path / "far.nii", data[:, :, None], ras_affine(far))
+    path = N.write_nifti(tmp_path / "far.nii", data[:, :, None], ras_affine(far))
     with pytest.raises(InputError, match="no slice of the mask volume lies in the T1 map plane"):
-        M.nifti_on_grid(M.read_nifti(path), g)
+        N.nifti_on_grid(N.read_nifti(path), g)
 
 
 def test_nifti_stack_picks_the_slice_in_the_t1_plane(case, tmp_path):
@@ -208,8 +209,8 @@ def test_nifti_stack_picks_the_slice_in_the_t1_plane(case, tmp_path):
     a = ras_affine(g)
     a[:3, 2] *= 3.0 / g.slice_thickness_mm  # 3 mm apart: the neighbours pass the 4 mm rule, the nearest wins
     a[:3, 3] -= 3 * a[:3, 2]  # slice 3 is the T1 plane
-    path = M.write_nifti(tmp_path / "stack.nii.gz", vol, a)
-    got = M.nifti_on_grid(M.read_nifti(path), g)
+    path = N.write_nifti(tmp_path / "stack.nii.gz", vol, a)
+    got = N.nifti_on_grid(N.read_nifti(path), g)
     assert np.array_equal(got >= 0.5, truth["s2_remote"])
 
 
@@ -414,6 +415,26 @@ def test_dicom_seg_of_highdicom_and_ours_agree(case, tmp_path):
             assert_masks_equal(store.load(t1), {r: truth[f"s{k}_{r}"] for r in roles})
 
 
+def test_dicom_seg_with_unaligned_binary_frames_and_files_highdicom_refuses(case, tmp_path):
+    """BINARY frames of 331x367 pixels (not a whole number of bytes) load exactly; a SEG that
+    highdicom refuses (here: no SegmentLabel, a Type 1 attribute) is a one-line InputError."""
+    from vne.exam.geometry import crop_geometry
+    t1s, truth, pid = case
+    roles = ("myocardium", "remote", "blood_pool")
+    rows, cols = slice(0, 331), slice(0, 367)
+    small = [MRImage(**{**t1.__dict__, "geometry": crop_geometry(t1.geometry, rows, cols), "pixels": None}) for t1 in t1s]
+    path = write_seg(tmp_path / "odd" / "seg.dcm", small, [(r, r, [truth[f"s{k}_{r}"][rows, cols] for k in range(len(t1s))]) for r in roles])
+    for k, t1 in enumerate(small):
+        assert_masks_equal(M.load_masks(path, t1), {r: truth[f"s{k}_{r}"][rows, cols] for r in roles})
+    ds = pydicom.dcmread(path)
+    for item in ds.SegmentSequence:
+        del item.SegmentLabel
+    ds.save_as(tmp_path / "nolabel.dcm")
+    with pytest.raises(InputError, match="not a valid DICOM Segmentation.*SegmentLabel") as e:
+        M.load_masks(tmp_path / "nolabel.dcm", small[0])
+    _one_line(e)
+
+
 # ----------------------------------------------------------------------------- errors
 
 
@@ -457,17 +478,17 @@ def test_missing_and_mismatched_masks_are_one_line_input_errors(case, tmp_path):
 
     nii = tmp_path / "nii"
     for m in ("myocardium", "remote", "blood_pool"):
-        M.write_nifti_mask(nii / f"{uid}_{m}.nii.gz", truth[f"s1_{m}"], t1s[1].geometry)  # the wrong slice
+        N.write_nifti_mask(nii / f"{uid}_{m}.nii.gz", truth[f"s1_{m}"], t1s[1].geometry)  # the wrong slice
     with pytest.raises(InputError, match="no slice of the mask volume lies in the T1 map plane"):
         M.load_masks(nii, t1)
     (nii / "junk_myocardium.nii").write_bytes(b"\0" * 400)
     with pytest.raises(InputError, match="not a NIfTI file"):
-        M.read_nifti(nii / "junk_myocardium.nii")
-    raw = bytearray(M.write_nifti(tmp_path / "noorient.nii", np.zeros((4, 4), np.uint8), np.eye(4)).read_bytes())
+        N.read_nifti(nii / "junk_myocardium.nii")
+    raw = bytearray(N.write_nifti(tmp_path / "noorient.nii", np.zeros((4, 4), np.uint8), np.eye(4)).read_bytes())
     raw[252:256] = bytes(4)  # qform_code = sform_code = 0
     (tmp_path / "noorient.nii").write_bytes(bytes(raw))
     with pytest.raises(InputError, match="no orientation"):
-        M.read_nifti(tmp_path / "noorient.nii")
+        N.read_nifti(tmp_path / "noorient.nii")
 
 
 def test_lesion_free_csv(tmp_path):

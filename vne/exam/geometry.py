@@ -187,3 +187,14 @@ def crop_geometry(geom: Geometry, rows: slice, cols: slice) -> Geometry:
     from dataclasses import replace
 
     return replace(geom, position_mm=tuple(float(v) for v in centre), shape=(i1 - i0, j1 - j0))
+
+
+def same_grid(a: Geometry, b: Geometry) -> bool:
+    """Same shape and every pixel centre of ``a`` within 1% of a pixel of ``b``'s: a resampling
+    from ``a`` onto ``b`` is the identity (masks from files, :mod:`vne.io.nifti`, :mod:`vne.io.dicom_seg`)."""
+    if tuple(a.shape) != tuple(b.shape):
+        return False
+    ca, cb = pixel_centres_mm(a), pixel_centres_mm(b)
+    corners = (0, -1)
+    d = max(float(np.linalg.norm(ca[i, j] - cb[i, j])) for i in corners for j in corners)
+    return d < 0.01 * min(min(a.pixel_spacing_mm), min(b.pixel_spacing_mm))

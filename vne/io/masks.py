@@ -13,7 +13,7 @@ Formats
 - **NumPy**: ``.npz`` with one named array per mask, or one ``.npy`` per mask. NumPy arrays
   carry no geometry, so each must be ``(rows, columns)`` of the T1 map exactly.
 - **NIfTI-1 / NIfTI-2** (``.nii``, ``.nii.gz``), one file per mask, read with nibabel
-  (:func:`read_nifti`). The voxel grid is placed in patient coordinates by the sform
+  (:mod:`vne.io.nifti`). The voxel grid is placed in patient coordinates by the sform
   (when ``sform_code > 0``), else the qform (``qform_code > 0``), as nibabel does; files with
   neither are refused. NIfTI world coordinates are RAS+, DICOM's are LPS+: x and y change sign.
   The mask may be 2D or a 3D stack: the voxel axis closest to the T1 map's normal is the slice
@@ -21,9 +21,9 @@ Formats
   taken and resampled onto the T1 grid nearest-neighbour (:func:`vne.exam.geometry.resample_to_grid`,
   identity when the grids agree). Spatial units other than mm (``xyzt_units``) are converted.
 - **DICOM-SEG** (Segmentation Storage, BINARY or FRACTIONAL; any file name, one object per
-  study or several). Segments are found by SegmentLabel (then SegmentDescription, then the
-  segmented property type's CodeMeaning), compared case- and punctuation-insensitively with
-  configurable names (:data:`DEFAULT_NAMES`). Frames are mapped to a T1 map by the
+  study or several), read with highdicom (:mod:`vne.io.dicom_seg`). Segments are found by
+  SegmentLabel (then SegmentDescription, then the segmented property type's CodeMeaning),
+  compared case- and punctuation-insensitively with configurable names (:data:`DEFAULT_NAMES`). Frames are mapped to a T1 map by the
   ReferencedSOPInstanceUID of their DerivationImageSequence / SourceImageSequence; when no
   frame references the T1 map, by plane position and orientation (same FrameOfReferenceUID,
   the :func:`vne.exam.geometry.planes_match` rule, the nearest plane wins). A segment without a
@@ -64,7 +64,7 @@ import csv
 import logging
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -72,8 +72,8 @@ import numpy as np
 
 from ..errors import InputError
 from ..exam.data import Geometry, MRImage, Role
-from ..exam.geometry import (centre_from_first_pixel, first_pixel_from_centre, pixel_centres_mm, plane_distance_mm, planes_match,
-                              resample_to_grid, same_plane)
+from .dicom_seg import LABEL_MAP_SEGMENTATION_STORAGE, SEGMENTATION_STORAGE, DicomSeg, read_dicom_seg, seg_covers, seg_frames_for, segment_on_grid
+from .nifti import nifti_on_grid, read_nifti
 
 log = logging.getLogger(__name__)
 
@@ -95,12 +95,9 @@ DEFAULT_NAMES: dict[str, tuple[str, ...]] = {
     "lge_remote": ("lge remote",),
 }
 DEFAULT_THRESHOLD = 0.5
-SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
-LABEL_MAP_SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.7"
 _NIFTI_SUFFIXES = (".nii.gz", ".nii")
 _MASK_FILE_SUFFIXES = (".npy",) + _NIFTI_SUFFIXES
 _NOT_DICOM_SUFFIXES = (".npz", ".npy", ".nii", ".gz", ".csv", ".json", ".txt", ".md", ".png", ".jpg", ".yaml", ".yml")
-LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
 
 
 class MasksNotFound(InputError):
@@ -168,7 +165,7 @@ class SliceMasks:
     source: str = ""
 
 
-def masks_from_values(values: Mapping[str, np.ndarray], shape: tuple[int, int], source: str,
+def masks_from_values(values: Mapping[str, np.ndarray], shape: tuple[int, ...], source: str,
                       threshold: float = DEFAULT_THRESHOLD) -> SliceMasks:
     """:class:`SliceMasks` from role -> (H, W) values already on the T1 grid.
 
@@ -225,375 +222,7 @@ def _arrays_by_role(arrays: Mapping[str, np.ndarray], names, source: str, prefix
     return out
 
 
-# ----------------------------------------------------------------------------- NIfTI
-
-
-@dataclass
-class NiftiImage:
-    """A NIfTI volume: ``data[i, j, k]`` and the 4x4 affine from voxel index to RAS+ mm."""
-
-    data: np.ndarray
-    affine: np.ndarray
-    path: str = ""
-
-
-_UNIT_TO_MM = {"meter": 1000.0, "mm": 1.0, "micron": 0.001, "unknown": 1.0}
-
-
-def _nibabel():
-    try:
-        import nibabel
-    except ImportError:  # a runtime dependency; only a broken install lacks it
-        raise InputError("reading or writing NIfTI masks needs nibabel (pip install nibabel)") from None
-    return nibabel
-
-
-def _reason(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{exc.__class__.__name__}: {text[0][:160]}" if text else exc.__class__.__name__
-
-
-def read_nifti(path) -> NiftiImage:
-    """Read a single-file NIfTI-1 or NIfTI-2 image (``.nii`` or ``.nii.gz``) with nibabel.
-
-    Returns:
-        data as ``(ni, nj, nk)`` (trailing singleton dimensions dropped, at least 3), scaled by
-        ``scl_slope`` / ``scl_inter``; the affine from the sform, else the qform (nibabel's
-        choice), in mm whatever the file's spatial unit.
-
-    Raises:
-        InputError: not NIfTI, a header/image pair, unreadable, more than one volume, a
-            non-numeric data type, or no qform / sform orientation (it cannot be placed).
-    """
-    nib = _nibabel()
-    path = Path(path)
-    try:
-        img = nib.load(str(path))
-    except Exception as exc:  # nibabel raises many types for what is not NIfTI
-        raise InputError(f"{path}: not a NIfTI file ({_reason(exc)})") from None
-    hdr = img.header
-    magic = bytes(np.asarray(hdr["magic"]).tobytes()).rstrip(b"\x00") if "magic" in hdr else b""
-    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)) or magic not in (b"n+1", b"n+2"):
-        raise InputError(f"{path}: not a single-file NIfTI image (a .hdr/.img pair or ANALYZE 7.5 has no place here; "
-                         "save it as one .nii file)")
-    shape = tuple(int(n) for n in img.shape)
-    if any(n != 1 for n in shape[3:]):
-        raise InputError(f"{path}: has {int(np.prod(shape[3:]))} volumes (dimensions {list(shape)}); one mask per file")
-    if int(hdr["sform_code"]) <= 0 and int(hdr["qform_code"]) <= 0:
-        raise InputError(f"{path}: NIfTI file has no orientation (qform_code and sform_code are 0); "
-                         "it cannot be placed on the T1 map")
-    try:
-        data = np.asanyarray(img.dataobj)
-    except Exception as exc:
-        raise InputError(f"{path}: unreadable NIfTI data ({_reason(exc)})") from None
-    if data.dtype.kind not in "biuf":
-        raise InputError(f"{path}: unsupported NIfTI data type {data.dtype} (need integer or float voxels)")
-    data = data.reshape(shape[:3] + (1,) * (3 - len(shape[:3])))
-    affine = np.array(img.affine, float)
-    if not np.all(np.isfinite(affine)):
-        raise InputError(f"{path}: NIfTI orientation is not finite")
-    affine[:3] *= _UNIT_TO_MM.get(hdr.get_xyzt_units()[0], 1.0)
-    return NiftiImage(data=data, affine=affine, path=str(path))
-
-
-def write_nifti(path, data: np.ndarray, affine: np.ndarray) -> Path:
-    """Write a NIfTI-1 single file with nibabel (``.nii``, or gzip-compressed for ``.nii.gz``).
-
-    Args:
-        data: 2D or 3D array indexed ``[i, j(, k)]``; bool is written as uint8.
-        affine: 4x4 voxel index -> RAS+ mm; written as sform and qform (code 1, scanner), unit mm.
-    """
-    nib = _nibabel()
-    path = Path(path)
-    arr = np.asarray(data)
-    if arr.dtype == bool:
-        arr = arr.astype(np.uint8)
-    if arr.ndim == 2:
-        arr = arr[:, :, None]
-    if arr.ndim != 3:
-        raise InputError(f"write_nifti: need a 2D or 3D array, got {arr.shape}")
-    affine = np.asarray(affine, float)
-    if np.any(np.linalg.norm(affine[:3, :3], axis=0) <= 0):
-        raise InputError("write_nifti: the affine has a zero-length axis")
-    try:
-        img = nib.Nifti1Image(arr, affine)
-    except Exception as exc:  # e.g. a data type NIfTI-1 has no code for
-        raise InputError(f"write_nifti: {_reason(exc)}") from None
-    img.set_sform(affine, code=1)
-    img.set_qform(affine, code=1)
-    img.header.set_xyzt_units("mm")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(img, str(path))
-    return path
-
-
-def nifti_affine(geom: Geometry) -> np.ndarray:
-    """The RAS+ affine of a 2D image on ``geom`` stored as ``pixels.T[:, :, None]``.
-
-    NIfTI index ``i`` runs along DICOM columns (``read_dir``), ``j`` along rows (``phase_dir``),
-    ``k`` along the plane normal (one slice thick).
-    """
-    g = geom.normalised()
-    dy, dx = g.pixel_spacing_mm
-    lps = np.eye(4)
-    lps[:3, 0] = np.asarray(g.read_dir) * dx
-    lps[:3, 1] = np.asarray(g.phase_dir) * dy
-    lps[:3, 2] = g.slice_dir * g.slice_thickness_mm
-    lps[:3, 3] = first_pixel_from_centre(g)
-    out = lps.copy()
-    out[:3] = LPS_FROM_RAS @ lps[:3]
-    return out
-
-
-def write_nifti_mask(path, mask: np.ndarray, geom: Geometry) -> Path:
-    """Write an (H, W) mask on ``geom`` as NIfTI (uint8 for bool, else the array's type)."""
-    mask = np.asarray(mask)
-    if mask.shape != tuple(geom.shape):
-        raise InputError(f"write_nifti_mask: mask {mask.shape} does not match the grid {geom.shape}")
-    return write_nifti(path, mask.T[:, :, None], nifti_affine(geom))
-
-
-def _same_grid(a: Geometry, b: Geometry) -> bool:
-    """Every pixel centre of ``a`` within 1% of a pixel of ``b``'s (same shape)."""
-    if tuple(a.shape) != tuple(b.shape):
-        return False
-    ca, cb = pixel_centres_mm(a), pixel_centres_mm(b)
-    corners = (0, -1)
-    d = max(float(np.linalg.norm(ca[i, j] - cb[i, j])) for i in corners for j in corners)
-    return d < 0.01 * min(min(a.pixel_spacing_mm), min(b.pixel_spacing_mm))
-
-
-def nifti_on_grid(img: NiftiImage, target: Geometry) -> np.ndarray:
-    """The NIfTI volume's slice in the target plane, nearest-neighbour on the target grid.
-
-    Returns:
-        (H, W) float32 on ``target``, zero outside the volume's field of view.
-
-    Raises:
-        InputError: the volume is oblique to the target plane, sheared, or no slice of it lies
-            in the target plane (:func:`vne.exam.geometry.planes_match`).
-    """
-    m = LPS_FROM_RAS @ img.affine[:3, :3]
-    t = LPS_FROM_RAS @ img.affine[:3, 3]
-    data = img.data
-    axes = [m[:, a] for a in range(3)]
-    norms = [float(np.linalg.norm(v)) for v in axes]
-    if norms[0] < 1e-9 or norms[1] < 1e-9:
-        raise InputError(f"{img.path}: degenerate NIfTI orientation")
-    normal = np.asarray(target.slice_dir, float)
-    cos = [abs(float(axes[a] @ normal)) / norms[a] if norms[a] > 1e-9 else 0.0 for a in range(3)]
-    if norms[2] < 1e-9:  # a 2D file with a zero third column
-        if data.shape[2] != 1:
-            raise InputError(f"{img.path}: degenerate NIfTI orientation")
-        cos[2] = 1.0
-    # one slice: i and j are in plane; a stack: the axis closest to the T1 normal is the slice axis
-    k_axis = 2 if data.shape[2] == 1 else int(np.argmax(cos))
-    a_axis, b_axis = [a for a in range(3) if a != k_axis]
-    read = axes[a_axis] / norms[a_axis]
-    phase = axes[b_axis] / norms[b_axis]
-    na, nb = data.shape[a_axis], data.shape[b_axis]
-    best, best_d, why = None, np.inf, "no slice"
-    for k in range(data.shape[k_axis]):
-        idx = np.zeros(3)
-        idx[k_axis] = k
-        idx[a_axis] = (na - 1) / 2.0
-        idx[b_axis] = (nb - 1) / 2.0
-        centre = t + m @ idx
-        g = Geometry(position_mm=tuple(float(v) for v in centre), read_dir=tuple(float(v) for v in read),
-                     phase_dir=tuple(float(v) for v in phase), pixel_spacing_mm=(norms[b_axis], norms[a_axis]),
-                     shape=(nb, na), slice_thickness_mm=norms[k_axis] if norms[k_axis] > 1e-9 else 1.0)
-        try:
-            g.validate()
-        except InputError as exc:
-            raise InputError(f"{img.path}: {exc} (a sheared NIfTI grid)") from None
-        ok, why_k = planes_match(g, target)
-        if not ok:
-            why = why_k
-            continue
-        d = plane_distance_mm(g, target)
-        if d < best_d:
-            best, best_d = (k, g), d
-    if best is None:
-        raise InputError(f"{img.path}: no slice of the mask volume lies in the T1 map plane ({why})")
-    k, g = best
-    pixels = np.asarray(np.take(data, k, axis=k_axis).T, np.float32)  # (a, b) -> (nb, na): rows along b
-    if _same_grid(g, target):
-        return pixels
-    out, inside = resample_to_grid(pixels, g, target, order=0)
-    if not inside.any():
-        raise InputError(f"{img.path}: the mask does not overlap the T1 map's field of view")
-    return out
-
-
-# ----------------------------------------------------------------------------- DICOM-SEG
-
-
-@dataclass
-class SegFrame:
-    """One frame of a segmentation: its segment, plane (None if not given) and referenced images."""
-
-    index: int
-    segment: int
-    geometry: Geometry | None
-    refs: frozenset[str]
-
-
-@dataclass
-class SegSegment:
-    number: int
-    label: str
-    description: str = ""
-    property_type: str = ""
-
-
-@dataclass
-class DicomSeg:
-    """The header of a DICOM Segmentation object (pixels are read on demand)."""
-
-    path: Path
-    segments: dict[int, SegSegment]
-    frames: list[SegFrame]
-    rows: int
-    columns: int
-    fractional: bool
-    max_fractional: float
-    frame_of_reference_uid: str
-    study_uid: str
-    referenced: frozenset[str]
-    _pixels: np.ndarray | None = field(default=None, repr=False)
-
-    def pixels(self) -> np.ndarray:
-        """(frames, rows, columns): 0/1 for BINARY, the fraction 0..1 for FRACTIONAL."""
-        if self._pixels is None:
-            import pydicom
-
-            try:
-                ds = pydicom.dcmread(self.path)
-                px = np.asarray(ds.pixel_array)
-            except Exception as exc:  # pydicom raises many types for broken pixel data
-                raise InputError(f"{self.path}: unreadable segmentation pixel data ({exc.__class__.__name__}: {exc})") from None
-            if px.ndim == 2:
-                px = px[None]
-            if px.shape != (len(self.frames), self.rows, self.columns):
-                raise InputError(f"{self.path}: pixel data {px.shape} do not match {len(self.frames)} frames of "
-                                 f"{self.rows}x{self.columns}")
-            px = px.astype(np.float32)
-            if self.fractional:
-                px = px / self.max_fractional
-            self._pixels = px
-        return self._pixels
-
-
-def _item(fg, shared, seq: str):
-    for group in (fg, shared):
-        if group is not None and seq in group and len(group[seq].value):
-            return group[seq].value[0]
-    return None
-
-
-def _code_meaning(ds) -> str:
-    seq = ds.get("SegmentedPropertyTypeCodeSequence")
-    return str(seq[0].get("CodeMeaning", "")) if seq else ""
-
-
-def read_dicom_seg(path, ds=None) -> DicomSeg:
-    """The segments and frames of a DICOM-SEG file (``ds``: its dataset, if already read).
-
-    Raises:
-        InputError: not a Segmentation Storage object, a LABELMAP segmentation, or frames
-            without a segment number.
-    """
-    import pydicom
-
-    path = Path(path)
-    if ds is None:
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-        except Exception as exc:
-            raise InputError(f"{path}: not a readable DICOM file ({exc.__class__.__name__}: {exc})") from None
-    if str(ds.get("SOPClassUID", "")) != SEGMENTATION_STORAGE:
-        raise InputError(f"{path}: not a DICOM Segmentation (SOPClassUID {ds.get('SOPClassUID', 'missing')})")
-    seg_type = str(ds.get("SegmentationType", "BINARY")).upper()
-    if seg_type not in ("BINARY", "FRACTIONAL"):
-        raise InputError(f"{path}: {seg_type} segmentations are not supported (need BINARY or FRACTIONAL: the masks overlap)")
-    segments = {}
-    for s in ds.get("SegmentSequence", []):
-        n = int(s.SegmentNumber)
-        segments[n] = SegSegment(n, str(s.get("SegmentLabel", "")), str(s.get("SegmentDescription", "") or ""), _code_meaning(s))
-    if not segments:
-        raise InputError(f"{path}: segmentation has no SegmentSequence")
-    shared = ds.SharedFunctionalGroupsSequence[0] if ds.get("SharedFunctionalGroupsSequence") else None
-    per_frame = list(ds.get("PerFrameFunctionalGroupsSequence", []))
-    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
-    if per_frame and len(per_frame) != n_frames:
-        raise InputError(f"{path}: {len(per_frame)} per-frame functional groups for {n_frames} frames")
-    rows, cols = int(ds.Rows), int(ds.Columns)
-    frames = []
-    referenced = set()
-    for f in range(n_frames):
-        fg = per_frame[f] if per_frame else None
-        ident = _item(fg, shared, "SegmentIdentificationSequence")
-        if ident is None or "ReferencedSegmentNumber" not in ident:
-            if len(segments) != 1:
-                raise InputError(f"{path}: frame {f + 1} has no ReferencedSegmentNumber")
-            number = next(iter(segments))
-        else:
-            number = int(ident.ReferencedSegmentNumber)
-        refs = set()
-        for group in (fg, shared):
-            for der in (group.get("DerivationImageSequence", []) if group is not None else []):
-                for src in der.get("SourceImageSequence", []):
-                    if "ReferencedSOPInstanceUID" in src:
-                        refs.add(str(src.ReferencedSOPInstanceUID))
-        referenced |= refs
-        geom = None
-        pos, ori, meas = (_item(fg, shared, s) for s in ("PlanePositionSequence", "PlaneOrientationSequence", "PixelMeasuresSequence"))
-        try:
-            ipp = [float(v) for v in pos.ImagePositionPatient]
-            iop = [float(v) for v in ori.ImageOrientationPatient]
-            dy, dx = (float(v) for v in meas.PixelSpacing)
-            thick = float(meas.get("SliceThickness", 0) or 0)
-            centre = centre_from_first_pixel(ipp, iop[:3], iop[3:], (dy, dx), (rows, cols))
-            geom = Geometry(position_mm=tuple(float(c) for c in centre), read_dir=tuple(iop[:3]), phase_dir=tuple(iop[3:]),
-                            pixel_spacing_mm=(dy, dx), shape=(rows, cols), slice_thickness_mm=thick if thick > 0 else 8.0)
-            geom.validate()
-            geom = geom.normalised()
-        except (AttributeError, TypeError, ValueError, InputError):
-            geom = None
-        frames.append(SegFrame(f, number, geom, frozenset(refs)))
-    for rs in ds.get("ReferencedSeriesSequence", []):
-        for ri in rs.get("ReferencedInstanceSequence", []):
-            if "ReferencedSOPInstanceUID" in ri:
-                referenced.add(str(ri.ReferencedSOPInstanceUID))
-    max_frac = float(ds.get("MaximumFractionalValue", 255) or 255) if seg_type == "FRACTIONAL" else 1.0
-    return DicomSeg(path=path, segments=segments, frames=frames, rows=rows, columns=cols, fractional=seg_type == "FRACTIONAL",
-                    max_fractional=max_frac, frame_of_reference_uid=str(ds.get("FrameOfReferenceUID", "")),
-                    study_uid=str(ds.get("StudyInstanceUID", "")), referenced=frozenset(referenced))
-
-
-def seg_covers(seg: DicomSeg, t1: MRImage) -> bool:
-    """Whether ``seg`` segments this T1 map: it references the instance, or a frame lies on it."""
-    sop = str(t1.meta.get("SOPInstanceUID", ""))
-    return bool(sop and sop in seg.referenced) or bool(seg_frames_for(seg, t1))
-
-
-def seg_frames_for(seg: DicomSeg, t1: MRImage) -> list[SegFrame]:
-    """The frames of ``seg`` on the T1 map: those referencing it, else those in its plane."""
-    sop = str(t1.meta.get("SOPInstanceUID", ""))
-    by_ref = [f for f in seg.frames if sop and sop in f.refs]
-    if by_ref:
-        return by_ref
-    same_space = ((seg.frame_of_reference_uid and seg.frame_of_reference_uid == t1.frame_of_reference_uid)
-                  or (not (seg.frame_of_reference_uid and t1.frame_of_reference_uid) and seg.study_uid and seg.study_uid == t1.study_uid))
-    if not same_space:
-        return []
-    target = t1.geometry
-    matching = [(plane_distance_mm(f.geometry, target), f) for f in seg.frames
-                if f.geometry is not None and planes_match(f.geometry, target)[0]]
-    if not matching:
-        return []
-    best = min(matching, key=lambda x: x[0])[1]
-    return [f for _, f in matching if same_plane(f.geometry, best.geometry)]
+# ----------------------------------------------------------------------------- DICOM-SEG segments
 
 
 def _assign_segments(segs: list[DicomSeg], names) -> tuple[dict[str, tuple[DicomSeg, int]], str]:
@@ -644,26 +273,8 @@ def seg_masks(segs: Sequence[DicomSeg], t1: MRImage, names=None, threshold: floa
     if missing:
         raise InputError(f"{src}: no segment labelled as {' / '.join(missing)} (segments: {available}); "
                          "pass the segment names that the file uses")
-    values: dict[str, np.ndarray] = {}
     frames_of = {id(seg): fr for seg, fr in on}
-    for role, (seg, number) in assignment.items():
-        acc = np.zeros(target.shape, np.float32)
-        for f in frames_of[id(seg)]:
-            if f.segment != number:
-                continue
-            px = seg.pixels()[f.index]
-            if f.geometry is not None:
-                ok, why = planes_match(f.geometry, target)
-                if not ok:
-                    raise InputError(f"{seg.path}: frame {f.index + 1} references the T1 map but is off its plane ({why})")
-                on_grid = px if _same_grid(f.geometry, target) else resample_to_grid(px, f.geometry, target, order=0)[0]
-            elif px.shape == tuple(target.shape):
-                on_grid = px
-            else:
-                raise InputError(f"{seg.path}: frame {f.index + 1} has no plane position and is {px.shape}, "
-                                 f"the T1 map is {tuple(target.shape)}")
-            acc = np.maximum(acc, on_grid)
-        values[role] = acc
+    values = {role: segment_on_grid(seg, frames_of[id(seg)], number, target) for role, (seg, number) in assignment.items()}
     return masks_from_values(values, target.shape, src, threshold)
 
 
@@ -741,7 +352,7 @@ class MaskStore:
         log.info("masks %s: %d .npz, %d per-mask stems, %d DICOM-SEG", self.root, len(self.npz), len(self.mask_files), len(self.segs))
 
     def _walk(self) -> list[Path]:
-        out = []
+        out: list[Path] = []
         for dirpath, dirnames, filenames in os.walk(self.root):
             dirnames.sort()
             out.extend(Path(dirpath) / f for f in sorted(filenames) if not f.startswith("."))
@@ -835,13 +446,13 @@ class MaskStore:
             if stem in self.mask_files:
                 found.append(("files", stem, ""))
         for st in studies:
-            path = self.npz.get(st)
-            if path is None:
+            study_npz = self.npz.get(st)
+            if study_npz is None:
                 continue
-            keys = self._npz_arrays(path)
+            keys = self._npz_arrays(study_npz)
             for sk in slices:
                 if any(k.startswith(sk + "_") and _role_of(k[len(sk) + 1:], self.names) for k in keys):
-                    found.append(("npz", path, sk + "_"))
+                    found.append(("npz", study_npz, sk + "_"))
         segs = [seg for seg in self.segs if seg_covers(seg, t1)]
         if segs:
             found.append(("seg", tuple(segs), ""))
