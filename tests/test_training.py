@@ -317,3 +317,47 @@ def test_unknown_config_keys_are_refused(tmp_path):
     bad.write_text(json.dumps({"schedule": {"val_evry": 5}, "loss": {"w_l1": 1.0}}))
     with pytest.raises(InputError, match="schedule.val_evry"):
         load_config(bad)
+
+
+@pytest.mark.parametrize("override,words", [
+    ({"schedule": {"max_steps": "abc"}}, "schedule.max_steps must be an integer, got 'abc'"),
+    ({"schedule": {"max_steps": 1.5}}, "schedule.max_steps must be an integer"),
+    ({"amp": 1}, "amp must be true or false"),
+    ({"loss": {"w_l1": "ten"}}, "loss.w_l1 must be a number"),
+    ({"loss": {"perceptual": "lpips"}}, "loss.perceptual must be one of fm, vgg, none"),
+    ({"data": {"target": "lge_truth"}}, "data.target must be one of"),
+    ({"schedule": {"best_metric": "g_l1"}}, "schedule.best_metric must be one of"),
+    ({"optim": {"betas": [0.5]}}, "optim.betas must hold 2 numbers"),
+    ({"data": 5}, "data must be a section"),
+    ({"model": {"ablate": ["t1"]}}, "model: unknown streams to ablate"),
+    ({"schedule": {"val_every": 0}}, "schedule.val_every must be at least 1"),
+])
+def test_config_values_are_type_checked(override, words):
+    from training.config import TrainConfig
+
+    with pytest.raises(InputError) as info:
+        TrainConfig.from_dict(override)
+    assert words in str(info.value) and "\n" not in str(info.value)
+
+
+def test_config_round_trips_through_the_checkpoint_dict(tmp_path):
+    from training.config import TrainConfig
+
+    cfg = TrainConfig.from_dict({"name": "x", "cache": tmp_path, "model": {"base_channels": 4, "ablate": ["ir"]},
+                                 "schedule": {"max_steps": 2e4}, "loss": {"w_l1": 20}})
+    assert cfg.cache == str(tmp_path) and cfg.schedule.max_steps == 20000 and isinstance(cfg.loss.w_l1, float)
+    assert cfg.model.ablate == ("ir",)
+    plain = cfg.to_dict()
+    assert json.loads(json.dumps(plain)) == plain  # builtins only
+    assert TrainConfig.from_dict(plain) == cfg
+    torch.save({"config": plain}, tmp_path / "c.pt")
+    assert TrainConfig.from_dict(torch.load(tmp_path / "c.pt", weights_only=True)["config"]) == cfg
+    # a checkpoint of the nested-dict era: partial sections, the rest today's defaults
+    old = {"name": "smoke", "model": {"base_channels": 8, "fusion_channels": 16}, "discriminator": {"num_scales": 1},
+           "augment": {}, "data": {"percentiles": [50, 90]}, "schedule": {"max_steps": 20}}
+    back = TrainConfig.from_dict(old)
+    assert (back.model.base_channels, back.model.depth, back.discriminator.num_scales, back.discriminator.n_layers) == (8, 3, 1, 3)
+    assert back.data.percentiles == [50.0, 90.0] and back.augment == TrainConfig().augment
+    assert cfg.with_overrides({"schedule": {"max_minutes": 5}}).schedule.max_minutes == 5.0
+    # the discriminator sees the generator's IR images unless told otherwise
+    assert TrainConfig.from_dict({"model": {"n_ir_images": 5}}).discriminator.build(5).n_ir_images == 5
