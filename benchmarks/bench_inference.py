@@ -125,9 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from training.checkpoint import load_checkpoint
+    from training.config import load_config
     from training.export import example_inputs, write_onnx
-    from training.networks import GeneratorConfig, VNEGenerator, count_macs, count_params, generator_from_checkpoint
-    from training.train import load_config
+    from training.networks import VNEGenerator, count_macs, count_params, generator_from_checkpoint
 
     import onnxruntime as ort
 
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.checkpoint:
         g = generator_from_checkpoint(load_checkpoint(args.checkpoint))
     else:
-        g = VNEGenerator(GeneratorConfig.from_dict(load_config(args.config)["model"])).eval()
+        g = VNEGenerator(load_config(args.config).model).eval()
     feed = example_inputs(1, args.height, args.width, seed=0, n_cine=g.config.n_cine_frames)
     x = tuple(torch.from_numpy(feed[k]) for k in INPUT_NAMES)
     params, macs = count_params(g), count_macs(g, *x)

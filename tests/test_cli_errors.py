@@ -56,6 +56,8 @@ CASES = [
     ("stream", ["{missing}.h5", "--port", "9002", "--out", "{out}/s.h5"], "no such ISMRMRD file", True),
     ("stream", ["{h5}", "--port", "70000", "--out", "{out}/s.h5"], "invalid port 70000", True),
     ("train", ["--config", "{missing}.json"], "not found", True),
+    ("train", ["--config", "smoke", "--set", "bogus=1"], "unknown key bogus", True),
+    ("train", ["--config", "smoke", "--set", "schedule.max_steps=abc"], "schedule.max_steps must be an integer", True),
     ("export", ["{junk}", "--out", "{out}/m.onnx"], "not a readable VNE training checkpoint", True),
     ("export", ["{missing}.pt", "--out", "{out}/m.onnx"], "does not exist", True),
     ("evaluate", ["--exams", "{missing}", "--out", "{out}/report"], "does not exist", True),

@@ -297,23 +297,102 @@ def _leaves(d: dict, prefix: str = "") -> dict:
 
 
 def test_packaged_configs_agree_with_the_one_set_of_defaults():
-    """training.train.DEFAULT_CONFIG is the one source of defaults: configs/default.json restates
+    """training.config.TrainConfig is the one source of defaults: configs/default.json restates
     nothing differently, and no packaged config has a key the defaults lack (a typo)."""
     from training import CONFIG_DIR
-    from training.train import DEFAULT_CONFIG, load_config, unknown_keys
+    from training.config import TrainConfig, load_config, unknown_keys
 
     default = json.loads((CONFIG_DIR / "default.json").read_text())
-    defaults = _leaves(DEFAULT_CONFIG)
+    defaults = _leaves(TrainConfig().to_dict())
     assert {k: v for k, v in _leaves(default).items() if defaults.get(k) != v} == {}
-    assert load_config("default") == DEFAULT_CONFIG
+    assert load_config("default") == TrainConfig()
     for path in CONFIG_DIR.glob("*.json"):
         assert unknown_keys(json.loads(path.read_text())) == [], path.name
 
 
 def test_unknown_config_keys_are_refused(tmp_path):
-    from training.train import load_config
+    from training.config import TrainConfig, load_config
 
     bad = tmp_path / "typo.json"
     bad.write_text(json.dumps({"schedule": {"val_evry": 5}, "loss": {"w_l1": 1.0}}))
     with pytest.raises(InputError, match="schedule.val_evry"):
         load_config(bad)
+    # every section is checked, the model's, the discriminator's and the augmentation's too
+    for key in ("bogus", "model.base_chanels", "discriminator.layers", "augment.rotation", "data.crop.x"):
+        *parents, leaf = key.split(".")
+        d: dict = {leaf: 1}
+        for part in reversed(parents):
+            d = {part: d}
+        if key == "data.crop.x":
+            with pytest.raises(InputError, match="data.crop must be an integer"):
+                TrainConfig.from_dict(d)
+            continue
+        with pytest.raises(InputError, match=f"unknown key {key}$"):
+            TrainConfig.from_dict(d)
+
+
+@pytest.mark.parametrize("override,words", [
+    ({"schedule": {"max_steps": "abc"}}, "schedule.max_steps must be an integer, got 'abc'"),
+    ({"schedule": {"max_steps": 1.5}}, "schedule.max_steps must be an integer"),
+    ({"amp": 1}, "amp must be true or false"),
+    ({"loss": {"w_l1": "ten"}}, "loss.w_l1 must be a number"),
+    ({"loss": {"perceptual": "lpips"}}, "loss.perceptual must be one of fm, vgg, none"),
+    ({"data": {"target": "lge_truth"}}, "data.target must be one of"),
+    ({"schedule": {"best_metric": "g_l1"}}, "schedule.best_metric must be one of"),
+    ({"optim": {"betas": [0.5]}}, "optim.betas must hold 2 numbers"),
+    ({"data": 5}, "data must be a section"),
+    ({"model": {"ablate": ["t1"]}}, "model: unknown streams to ablate"),
+    ({"schedule": {"val_every": 0}}, "schedule.val_every must be at least 1"),
+])
+def test_config_values_are_type_checked(override, words):
+    from training.config import TrainConfig
+
+    with pytest.raises(InputError) as info:
+        TrainConfig.from_dict(override)
+    assert words in str(info.value) and "\n" not in str(info.value)
+
+
+def test_config_round_trips_through_the_checkpoint_dict(tmp_path):
+    from training.config import TrainConfig
+
+    cfg = TrainConfig.from_dict({"name": "x", "cache": tmp_path, "model": {"base_channels": 4, "ablate": ["ir"]},
+                                 "schedule": {"max_steps": 2e4}, "loss": {"w_l1": 20}})
+    assert cfg.cache == str(tmp_path) and cfg.schedule.max_steps == 20000 and isinstance(cfg.loss.w_l1, float)
+    assert cfg.model.ablate == ("ir",)
+    plain = cfg.to_dict()
+    assert json.loads(json.dumps(plain)) == plain  # builtins only
+    assert TrainConfig.from_dict(plain) == cfg
+    torch.save({"config": plain}, tmp_path / "c.pt")
+    assert TrainConfig.from_dict(torch.load(tmp_path / "c.pt", weights_only=True)["config"]) == cfg
+    # a checkpoint of the nested-dict era: partial sections, the rest today's defaults
+    old = {"name": "smoke", "model": {"base_channels": 8, "fusion_channels": 16}, "discriminator": {"num_scales": 1},
+           "augment": {}, "data": {"percentiles": [50, 90]}, "schedule": {"max_steps": 20}}
+    back = TrainConfig.from_dict(old)
+    assert (back.model.base_channels, back.model.depth, back.discriminator.num_scales, back.discriminator.n_layers) == (8, 3, 1, 3)
+    assert back.data.percentiles == [50.0, 90.0] and back.augment == TrainConfig().augment
+    assert cfg.with_overrides({"schedule": {"max_minutes": 5}}).schedule.max_minutes == 5.0
+    # the discriminator sees the generator's IR images unless told otherwise
+    assert TrainConfig.from_dict({"model": {"n_ir_images": 5}}).discriminator.build(5).n_ir_images == 5
+
+
+def test_trainer_steps_saves_and_loads(cache, tmp_path):
+    from training.config import TrainConfig
+    from training.trainer import VNETrainer
+
+    cfg = TrainConfig.from_dict(_config(cache, tmp_path))
+    torch.manual_seed(0)
+    trainer = VNETrainer(cfg)
+    ds = VNEDataset(cache, read_index(cache)["entries"][:2], crop=32, augment=True, seed=0)
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=2)))
+    trainer.train()
+    trainer.set_input(batch)
+    trainer.optimize_parameters()
+    losses = trainer.current_losses()
+    assert trainer.step == 1 and losses["d_loss"] is not None and {"g_total", "g_l1", "g_adv", "g_perc"} <= set(losses)
+    trainer.save(tmp_path / "t.pt")
+    other = VNETrainer(cfg)
+    other.load(tmp_path / "t.pt")
+    assert other.step == 1
+    for k, v in trainer.g_core.state_dict().items():
+        assert torch.equal(v, other.g_core.state_dict()[k]), k
+    assert TrainConfig.from_dict(load_checkpoint(tmp_path / "t.pt")["config"]) == cfg

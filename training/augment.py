@@ -16,32 +16,22 @@ input, with the target and masks moved by the same spatial transform:
   (ShMOLLI reads 2-4 % low in myocardium and 5-8 % in blood), and pixel noise.
 
 Every draw comes from a ``torch.Generator`` seeded with (seed, step), so a resumed run sees the
-same batches. The ranges are one dict, :data:`DEFAULT_AUGMENT`, overridable from the training
-config's ``augment`` section.
+same batches. The ranges are the training config's ``augment`` section,
+:class:`training.config.AugmentConfig` (defaults there; :data:`DEFAULT_AUGMENT` as a dict).
 """
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 
 import torch
 from torch.nn import functional as F
 
-DEFAULT_AUGMENT: dict = {
-    "enabled": True,
-    "p_geometry": 0.8,
-    "rotation_deg": 180.0,
-    "scale": [0.85, 1.2],
-    "shift_px": 6.0,
-    "bias_field": 0.3,        # max amplitude of log-gain of the smooth field
-    "gamma": [0.8, 1.25],     # cine magnitude gamma; the IR uses the square root of this range
-    "cine_noise": 0.05,       # max Rician sigma relative to the cine's robust scale
-    "ir_noise": 0.04,         # max Gaussian sigma relative to the IR's robust scale
-    "blur_sigma_px": 1.0,     # max Gaussian blur sigma per input
-    "t1_scale": [0.94, 1.04],
-    "t1_blood_pull": 0.05,    # max extra relative drop of blood-range T1
-    "t1_noise_ms": 30.0,
-    "blood_gain": [-0.25, 0.6],   # extra relative gain of blood-range-T1 pixels, per input (cine, IR)
-}
+from .config import AugmentConfig
+
+DEFAULT_AUGMENT: dict = asdict(AugmentConfig())
+"""The ranges, as a dict: :class:`training.config.AugmentConfig` (the ``augment`` section) holds
+the defaults."""
 
 
 def _uniform(g: torch.Generator, n: int, lo: float, hi: float) -> torch.Tensor:

@@ -16,7 +16,7 @@ from torch.torch_version import TorchVersion
 
 from vne.errors import InputError
 
-# the non-tensor types in a checkpoint written by training.train: NumPy's RNG state (an array)
+# the non-tensor types in a checkpoint written by training.trainer: NumPy's RNG state (an array)
 # and torch.__version__ (checkpoints written before it was stored as a plain str)
 SAFE_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32)), TorchVersion]
 

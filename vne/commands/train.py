@@ -58,16 +58,18 @@ def run(args: argparse.Namespace) -> int:
     except ModuleNotFoundError:
         print(MISSING_TORCH, file=sys.stderr)
         return 2
-    from training.train import load_config, train
+    from training.config import TrainConfig, load_config
+    from training.train import train
 
-    config = load_config(args.config)
+    config = load_config(args.config).to_dict()
     if args.cache:
         config["cache"] = args.cache
     if args.out:
         config["out"] = args.out
     if args.max_minutes is not None:
-        config.setdefault("schedule", {})["max_minutes"] = args.max_minutes
+        config["schedule"]["max_minutes"] = args.max_minutes
     apply_overrides(config, args.set)
+    config = TrainConfig.from_dict(config, where="--set")  # the file was checked: what is new came from --set
     summary = train(config, resume=args.resume)
     if os.environ.get("RANK", "0") == "0":
         print(json.dumps({k: summary[k] for k in ("status", "step", "max_steps", "best", "run_dir", "elapsed_min")}))
