@@ -48,7 +48,8 @@ import ismrmrd
 
 from vne.commands.stream import exchange, exchange_on
 from vne.exam.data import Role
-from vne.io.mrd import from_mrd, read_mrd_file
+from vne.io.mrd.hdf5 import read_mrd_file
+from vne.io.mrd.image import from_mrd
 
 NEEDED = (Role.CINE, Role.IR_MAGNITUDE, Role.IR_PHASE, Role.T1_MAP)
 

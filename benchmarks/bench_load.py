@@ -45,7 +45,9 @@ from ismrmrd.serialization import ConfigText, ProtocolSerializer
 
 from vne.exam.data import Role
 from vne.runtime.memory import rss_mb
-from vne.io.mrd import from_mrd, parse_header, read_mrd_file
+from vne.io.mrd.hdf5 import read_mrd_file
+from vne.io.mrd.header import parse_header
+from vne.io.mrd.image import from_mrd
 
 
 NEEDED = (Role.CINE, Role.IR_MAGNITUDE, Role.IR_PHASE, Role.T1_MAP)

@@ -30,7 +30,9 @@ from pathlib import Path
 import numpy as np
 
 from vne.runtime import inference
-from vne.io import mrd as mrd_io
+from vne.io.mrd.hdf5 import read_mrd_file
+from vne.io.mrd.header import parse_header, study_key
+from vne.io.mrd.image import from_mrd
 from vne.evaluation.collect_simulated import slice_index_by_position
 from vne.prepare.contract import model_inputs, normalise_psir
 from vne.runtime.model import VNEModel
@@ -60,9 +62,9 @@ def main() -> int:
     lesion_free: dict[str, bool] = {}
     max_gap, mean_gap, share, t_win, t_full, worst = [], [], [], [], [], ("", 0.0)
     for case in doc["cases"][: args.max_cases or None]:
-        header, raw = mrd_io.read_mrd_file(args.exams / "mrd" / f"{case['case_id']}.h5")
-        key = mrd_io.study_key(mrd_io.parse_header(header))
-        slices, _ = build_slices([mrd_io.from_mrd(m, key) for m in raw], need_lge=True)
+        header, raw = read_mrd_file(args.exams / "mrd" / f"{case['case_id']}.h5")
+        key = study_key(parse_header(header))
+        slices, _ = build_slices([from_mrd(m, key) for m in raw], need_lge=True)
         index_of = slice_index_by_position(raw)
         truth = np.load(args.exams / "truth" / f"{case['case_id']}.npz")
         lesion_free[case["patient_id"]] = bool(case["lesion_free"])

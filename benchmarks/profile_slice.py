@@ -35,7 +35,9 @@ import numpy as np
 from vne.prepare.contract import model_inputs
 from vne.exam.data import Role
 from vne.runtime.model import load_model
-from vne.io.mrd import from_mrd, parse_header, read_mrd_file, study_key
+from vne.io.mrd.hdf5 import read_mrd_file
+from vne.io.mrd.header import parse_header, study_key
+from vne.io.mrd.image import from_mrd
 from vne.runtime.config import PipelineConfig
 from vne.runtime.pipeline import VNEPipeline
 from vne.runtime.qc import check_inputs, check_output

@@ -31,7 +31,9 @@ from pathlib import Path
 import numpy as np
 
 from vne.runtime import inference
-from vne.io import mrd as mrd_io
+from vne.io.mrd.hdf5 import read_mrd_file
+from vne.io.mrd.header import parse_header, study_key
+from vne.io.mrd.image import from_mrd
 from vne.evaluation.collect_simulated import slice_index_by_position
 from vne.prepare.contract import INPUT_NAMES, crop_output, pad_to_multiple
 from vne.prepare.contract import normalise_psir as normalise
@@ -47,9 +49,9 @@ def slices_of(exams: Path, contract, skip: int, n: int):
     doc = json.loads((exams / "cases.json").read_text())
     k_all = 0
     for case in doc["cases"]:
-        header, raw = mrd_io.read_mrd_file(exams / "mrd" / f"{case['case_id']}.h5")
-        key = mrd_io.study_key(mrd_io.parse_header(header))
-        sl, _ = build_slices([mrd_io.from_mrd(m, key) for m in raw], need_lge=True)
+        header, raw = read_mrd_file(exams / "mrd" / f"{case['case_id']}.h5")
+        key = study_key(parse_header(header))
+        sl, _ = build_slices([from_mrd(m, key) for m in raw], need_lge=True)
         index_of = slice_index_by_position(raw)
         truth = np.load(exams / "truth" / f"{case['case_id']}.npz")
         for s in sl:

@@ -631,7 +631,7 @@ def test_kill_right_after_close_keeps_the_acknowledged_cache_write(tmp_path, hea
     """The cine connection's study-cache write is on disk before its CLOSE: SIGKILL the server
     the moment CLOSE arrives, and every cine image is in the cache (read by a new process's
     StudyCache)."""
-    from vne.io.mrd import parse_header, study_key
+    from vne.io.mrd.header import parse_header, study_key
     from vne.runtime.study_store import StudyCache
 
     _, images = H.sim_stream()

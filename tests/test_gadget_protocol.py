@@ -154,7 +154,7 @@ def test_connect_mode_vne_stream_against_vne_serve(stream, model, tmp_path):
     finally:
         if serve.poll() is None:
             serve.kill()
-    from vne.io.mrd import read_mrd_file
+    from vne.io.mrd.hdf5 import read_mrd_file
 
     _, back = read_mrd_file(out)
     by_series = lambda ims: sorted(H.serialized([i for i in ims if i.image_series_index < 1000]))  # noqa: E731

@@ -22,7 +22,7 @@ def model() -> str:
 
 
 def test_infer_h5_keeps_every_input_and_adds_the_vne_series(model, tmp_path):
-    from vne.io.mrd import read_mrd_file
+    from vne.io.mrd.hdf5 import read_mrd_file
 
     out = tmp_path / "out.h5"
     assert main(["infer", str(H.sim_h5()), "--out", str(out), "--model", model]) == 0
@@ -81,7 +81,7 @@ def test_infer_user_errors_are_one_line(model, tmp_path, capsys):
 
 
 def test_infer_without_any_vne_says_why(model, tmp_path, capsys):
-    from vne.io.mrd import write_mrd_file
+    from vne.io.mrd.hdf5 import write_mrd_file
 
     header, images = H.sim_stream()
     cine_only = tmp_path / "cine.h5"

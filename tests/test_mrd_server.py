@@ -390,7 +390,7 @@ def test_real_python_ismrmrd_server_client(server, stream, tmp_path):
     d = os.environ.get("VNE_MRD_CLIENT_DIR")
     if not d or not (Path(d) / "client.py").is_file():
         pytest.skip("set VNE_MRD_CLIENT_DIR to a python-ismrmrd-server checkout to run its client.py")
-    from vne.io.mrd import read_mrd_file
+    from vne.io.mrd.hdf5 import read_mrd_file
 
     out = tmp_path / "out.h5"
     r = subprocess.run([sys.executable, str(Path(d) / "client.py"), str(H.sim_h5()), "-a", "127.0.0.1", "-p",

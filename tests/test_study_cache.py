@@ -15,7 +15,8 @@ import pytest
 
 import vne_helpers as H
 from vne.exam.data import Role
-from vne.io.mrd import from_mrd, parse_header, study_key
+from vne.io.mrd.header import parse_header, study_key
+from vne.io.mrd.image import from_mrd
 from vne.runtime.study_store import StudyCache, study_hash
 
 STUDY = "1.2.3.4"

@@ -25,7 +25,8 @@ import pytest
 import vne_helpers as H
 from vne.errors import InputError
 from vne.exam.data import Role
-from vne.io.mrd import from_mrd, parse_header, study_key
+from vne.io.mrd.header import parse_header, study_key
+from vne.io.mrd.image import from_mrd
 from vne.runtime import model as M
 from vne.runtime.config import PipelineConfig
 from vne.runtime.pipeline import VNEPipeline, process_stream

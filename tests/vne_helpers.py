@@ -55,7 +55,7 @@ def sim_dicom() -> Path:
 @functools.lru_cache(maxsize=None)
 def sim_stream() -> tuple[str, list]:
     """(header XML, images in scanner order) of the simulated case."""
-    from vne.io.mrd import read_mrd_file
+    from vne.io.mrd.hdf5 import read_mrd_file
 
     return read_mrd_file(sim_h5())
 
@@ -214,7 +214,7 @@ def play_gadgetron(sock: socket.socket, header_xml: str, images: list, config_xm
     """
     from ismrmrd.serialization import ConfigText, ProtocolDeserializer, ProtocolSerializer
 
-    from vne.io.mrd import parse_header
+    from vne.io.mrd.header import parse_header
 
     sock.settimeout(timeout)
     errors: list[BaseException] = []

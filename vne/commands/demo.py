@@ -65,7 +65,8 @@ def _figure(case, results, path: Path) -> Path:
 
 
 def run(args) -> int:
-    from ..io import mrd as mrd_io
+    from ..io.mrd.hdf5 import write_mrd_file
+    from ..io.mrd.header import parse_header
     from ..runtime.model import find_default_model
     from ..runtime.config import PipelineConfig
     from ..runtime.pipeline import VNEPipeline
@@ -81,15 +82,15 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     case = simulate_case(DEMO_SEED, DEMO_CASE)
     header, images = case_to_mrd(case)
-    mrd_io.write_mrd_file(out / "sample-exam.h5", header, images)
-    pipe = VNEPipeline(PipelineConfig(model=str(model), cache_dir="none"), header=mrd_io.parse_header(header))
+    write_mrd_file(out / "sample-exam.h5", header, images)
+    pipe = VNEPipeline(PipelineConfig(model=str(model), cache_dir="none"), header=parse_header(header))
     sent = []
     for im in images:
         sent.extend(pipe.feed(im))
     sent.extend(pipe.finish())
     if not pipe.results:
         raise InputError(f"no VNE produced: {'; '.join(pipe.problems)}")
-    mrd_io.write_mrd_file(out / "sample-exam-vne.h5", header, sent)
+    write_mrd_file(out / "sample-exam-vne.h5", header, sent)
     fig = _figure(case, pipe.results, out / "sample-exam-vne.png")
     print(f"sample exam {case.case_id}: {case.phenotype} HCM, {case.field_t:g} T, {len(case.truth)} slices, "
           f"true lesion burden {case.lesion_burden:.1%}")

@@ -4,7 +4,7 @@
   order, exactly as the gadget would receive it; the output file holds everything the gadget
   would send back: every input image unchanged plus the VNE series
   (``/dataset/image_<series index>``). ``--group`` names the input's HDF5 group when it is not
-  ``/dataset`` and not the only one (:func:`vne.io.mrd.read_mrd_file`).
+  ``/dataset`` and not the only one (:func:`vne.io.mrd.hdf5.read_mrd_file`).
 - DICOM folder in: the exams are read with :func:`vne.io.dicom.read_dicom_folder` and fed to
   the same pipeline; the output folder gets one new DICOM series per VNE series (new
   SeriesInstanceUID, ImageType ``DERIVED\\PRIMARY\\VNE``, the same study and frame of
@@ -100,7 +100,7 @@ def run(args) -> int:
 def _infer_h5(src: Path, out: Path, config, model, group: str | None = None):
     import ismrmrd
 
-    from ..io.mrd import read_mrd_file, write_mrd_file
+    from ..io.mrd.hdf5 import read_mrd_file, write_mrd_file
     from ..runtime.pipeline import process_stream
 
     if out.suffix.lower() not in H5_SUFFIXES:

@@ -112,7 +112,7 @@ def exchange_on(sock: socket.socket, header_xml: str, images: list, *, config=No
     from a gadget that Gadgetron-style execute mode started."""
     from ismrmrd.serialization import ProtocolDeserializer, ProtocolSerializer
 
-    from ..io.mrd import parse_header
+    from ..io.mrd.header import parse_header
 
     sock.settimeout(timeout)
     hdr = parse_header(header_xml)
@@ -192,7 +192,7 @@ def _converse(sock: socket.socket, send, receive, n_received, *, timeout: float,
 def run(args) -> int:
     import ismrmrd
 
-    from ..io.mrd import read_mrd_file, write_mrd_file
+    from ..io.mrd.hdf5 import read_mrd_file, write_mrd_file
 
     if getattr(args, "protocol", "gadgetron") == "mrd":
         return run_mrd(args)
@@ -353,7 +353,7 @@ def run_mrd(args) -> int:
     import ismrmrd
 
     from ..io import framing as F
-    from ..io.mrd import read_mrd_file, write_mrd_file
+    from ..io.mrd.hdf5 import read_mrd_file, write_mrd_file
 
     t0 = time.perf_counter()
     params = parse_params(getattr(args, "param", []))

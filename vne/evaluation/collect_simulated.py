@@ -15,7 +15,9 @@ from tqdm import tqdm
 
 from ..errors import InputError
 from ..exam.data import Role
-from ..io import mrd as mrd_io
+from ..io.mrd.hdf5 import read_mrd_file
+from ..io.mrd.header import parse_header, study_key
+from ..io.mrd.image import from_mrd
 from ..prepare.slices import build_slices, on_t1_grid
 from .analysis import SliceResult
 
@@ -25,7 +27,7 @@ def slice_index_by_position(raw_images) -> dict[tuple, int]:
     out = {}
     for m in raw_images:
         try:
-            im = mrd_io.from_mrd(m)
+            im = from_mrd(m)
         except InputError:
             continue
         if im.role == Role.T1_MAP:
@@ -37,7 +39,7 @@ def run_model_on_file(path: Path, model: Path | None, group: str | None = None,
                       refused: list[str] | None = None) -> tuple[list, list, str]:
     """(VNE results, raw ISMRMRD images, header XML) of one exam file, through the gadget's pipeline.
 
-    ``group``: the file's HDF5 group (:func:`vne.io.mrd.read_mrd_file`; default /dataset or the only one).
+    ``group``: the file's HDF5 group (:func:`vne.io.mrd.hdf5.read_mrd_file`; default /dataset or the only one).
     ``refused``: when given, the quality guard's refusals are appended to it (one reason per
     slice) and an exam the guard refused entirely returns no results instead of raising: a
     refused slice counts as missing, not as correct.
@@ -45,8 +47,8 @@ def run_model_on_file(path: Path, model: Path | None, group: str | None = None,
     from ..runtime.config import PipelineConfig
     from ..runtime.pipeline import VNEPipeline
 
-    header, raw = mrd_io.read_mrd_file(path, group=group)
-    pipe = VNEPipeline(PipelineConfig(model=str(model) if model else None, cache_dir="none"), header=mrd_io.parse_header(header))
+    header, raw = read_mrd_file(path, group=group)
+    pipe = VNEPipeline(PipelineConfig(model=str(model) if model else None, cache_dir="none"), header=parse_header(header))
     for item in raw:
         pipe.feed(item)
     pipe.finish()
@@ -67,8 +69,8 @@ def collect(exams: Path, model: Path | None, max_cases: int | None = None, desc:
     for c in tqdm(cases, desc=desc, unit="exam"):
         path = exams / "mrd" / f"{c['case_id']}.h5"
         vne_results, raw, header = run_model_on_file(path, model, group=group, refused=refused)
-        key = mrd_io.study_key(mrd_io.parse_header(header))
-        images = [mrd_io.from_mrd(m, key) for m in raw]
+        key = study_key(parse_header(header))
+        images = [from_mrd(m, key) for m in raw]
         slices, _ = build_slices(images, need_lge=True)
         lge_by_pos = {tuple(np.round(s.t1_map.geometry.position_mm, 2)): on_t1_grid(s).lge for s in slices}
         index_of = slice_index_by_position(raw)

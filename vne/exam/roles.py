@@ -231,7 +231,7 @@ def trigger_time_from_meta(meta: dict) -> float | None:
     """Trigger time (ms after the R wave) from ``TriggerTime`` / ``GADGETRON_TriggerTime`` /
     ``GT_TriggerTime`` meta, or None. Zero is a valid trigger time (the first cine phase);
     negative values count as absent. ISMRMRD ``physiology_time_stamp`` is read by
-    :func:`vne.io.mrd.from_mrd` when this gives None."""
+    :func:`vne.io.mrd.image.from_mrd` when this gives None."""
     t = _first_float(meta_values(meta, "trigger_time"))
     return t if t is not None and t >= 0 else None
 

@@ -27,6 +27,7 @@ import shutil
 import tempfile
 import warnings
 from collections import OrderedDict
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +71,7 @@ def _text(v: Any) -> Any:
     return str(v)
 
 
-def _float(ds: Dataset, keyword: str) -> float | None:
+def _float(ds: Dataset | Mapping[str, Any], keyword: str) -> float | None:
     v = ds.get(keyword)
     if v is None or v == "":
         return None
@@ -116,7 +117,8 @@ def _geometry(ds: Dataset) -> Geometry:
     return geom.normalised()
 
 
-def _phase_radians(raw: np.ndarray, ds: Dataset) -> np.ndarray:
+def _phase_radians(raw: np.ndarray, ds: Dataset | Mapping[str, Any]) -> np.ndarray:
+    """A phase image's stored values -> radians, from a dataset or its two rescale fields (a dict)."""
     slope = _float(ds, "RescaleSlope")
     intercept = _float(ds, "RescaleIntercept")
     if intercept is not None and intercept < 0:

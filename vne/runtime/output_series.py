@@ -26,7 +26,7 @@ import numpy as np
 
 from ..exam.data import MRImage, Role
 from ..exam.roles import meta_values
-from ..io import mrd as mrd_io
+from ..io.mrd.image import to_mrd
 from ..prepare import roi
 from .config import PIXEL_TYPES, PipelineConfig
 from .qc import QCResult
@@ -218,7 +218,7 @@ def to_mrd_image(r: VNEResult, config: PipelineConfig) -> ismrmrd.Image:
         head = r.t1_mrd.getHead()
         img = ismrmrd.Image(head, data=data[None, None])
     else:
-        img = mrd_io.to_mrd(MRImage(pixels=data, geometry=r.t1.geometry, role=Role.UNKNOWN),
+        img = to_mrd(MRImage(pixels=data, geometry=r.t1.geometry, role=Role.UNKNOWN),
                             series_index=r.series_index, image_index=r.image_index,
                             dtype=PIXEL_TYPES[config.pixel_type], meta={})
     img.image_series_index = r.series_index

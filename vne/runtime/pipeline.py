@@ -47,7 +47,7 @@ from typing import Any, Iterable, Iterator
 import ismrmrd
 import numpy as np
 
-from ..io import mrd as mrd_io
+from ..io.mrd.header import parse_header, study_key
 from . import inference
 from ..io.framing import RawImage
 from ..errors import InputError
@@ -177,9 +177,9 @@ class VNEPipeline:
             return
         try:
             if isinstance(header, (str, bytes)):
-                header = mrd_io.parse_header(header)
+                header = parse_header(header)
             self.header = header
-            self.study = mrd_io.study_key(header)
+            self.study = study_key(header)
             mid = getattr(getattr(header, "measurementInformation", None), "measurementID", None)
             if mid:
                 self.origin = str(mid)

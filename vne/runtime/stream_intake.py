@@ -5,7 +5,7 @@ with one specific reason, logged once per (series, reason) and counted after tha
 
 - 4-byte ``DATATYPE_INT`` (kept raw, :class:`vne.io.framing.RawImage`) or other int32/int64 data;
 - a duplicate (same series, index, slice/contrast/phase/repetition/set/average and position);
-- an image :func:`vne.io.mrd.from_mrd` cannot read, or whose geometry is invalid;
+- an image :func:`vne.io.mrd.image.from_mrd` cannot read, or whose geometry is invalid;
 - a T1 map whose values do not look like native T1 in ms (:func:`t1_units_problem`), or a second
   T1 map of the same slice;
 - cine or IR images with NaN or inf pixels.
@@ -25,7 +25,7 @@ import numpy as np
 from ..errors import InputError
 from ..exam.data import MRImage, Role
 from ..exam.roles import RoleRules
-from ..io import mrd as mrd_io
+from ..io.mrd.image import from_mrd
 from ..io.framing import RawImage
 from ..prepare.slices import slice_key
 from .output_series import is_vne_output
@@ -70,7 +70,7 @@ class StreamIntake:
 
     Args:
         rules: the role rules (:mod:`vne.exam.roles`, with the stream's ``role_*`` overrides).
-        study: the header's (StudyInstanceUID, FrameOfReferenceUID, ...) (:func:`vne.io.mrd.study_key`).
+        study: the header's (StudyInstanceUID, FrameOfReferenceUID, ...) (:func:`vne.io.mrd.header.study_key`).
         problem: reports a reason (``problem(message, level)``; the pipeline logs and lists it).
 
     Attributes:
@@ -117,7 +117,7 @@ class StreamIntake:
             self.reject(series, f"{dtype} pixel data (not a scanner image type; VNE needs uint16, int16 or float)", tag)
             return None
         try:
-            im = mrd_io.from_mrd(mrd, study=self.study, rules=self.rules, source=tag)
+            im = from_mrd(mrd, study=self.study, rules=self.rules, source=tag)
         except InputError as exc:
             self.reject(series, str(exc).replace(f"{tag}: ", ""), tag)
             return None
