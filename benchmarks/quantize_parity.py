@@ -15,7 +15,7 @@ the contrast the burden threshold reads (0.5 of blood - remote) and the same bur
 
 Needs the ``onnx`` package (``pip install -e .[train]``); the runtime never does.
 
-    python benchmarks/quantize_parity.py --exams /work/data/test-A-s2000 --calib 12 --test 30
+    python benchmarks/quantize_parity.py --exams /work/data/test-A23-s2000 --calib 12 --test 30
 """
 from __future__ import annotations
 

@@ -70,10 +70,15 @@ class QCLimits:
     lv_area_mm2: tuple[float, float] = (120.0, 6000.0)
     ring_mm: tuple[float, float] = (1.0, 7.0)
     ring_t1_sd_ms: float = 120.0       # ring T1 spread at which the LV score halves
+    # the LV finder's motion weight clip(motion / full, floor, 1): motion is the cine's temporal
+    # SD around a candidate over the body's median (a static structure reads ~1, the LV 5-15 on
+    # our own sets); 2.0/0.25 let a static aorta ringed by soft tissue outscore an apical LV
+    lv_motion_full: float = 4.0
+    lv_motion_floor: float = 0.1
     min_lv_score: float = 0.15
     max_blood_t1_cv: float = 0.15
     min_cine_heart_coverage: float = 0.95
-    max_cine_order_ratio: float = 0.75
+    max_cine_order_ratio: float = 0.5   # in order: 0.03-0.06 (54 own slices, sim 2.3); shuffled by trigger time 0.64-1.2
     min_cine_t1_correlation: float = 0.4
     min_ir_t1_correlation: float = 0.5
     min_blood_contrast: float = 0.5
@@ -197,7 +202,7 @@ def find_lv(t1_map_ms: np.ndarray, pixel_mm: float, limits: QCLimits = DEFAULT_L
     is to myocardium's ~0.63 (``exp(-((ratio - 0.63) / 0.12)²)``, which tells it from liver);
     the best-scoring region over all splits wins. With a ``cine``, the score is also weighted
     by how much the cine moves around the candidate (the LV contracts; the aorta, a vessel or
-    a fluid pocket do not): ``clip(motion / 2, 0.25, 1)``, where motion is the mean temporal SD
+    a fluid pocket do not): ``clip(motion / 4, 0.1, 1)`` (:class:`QCLimits`), where motion is the mean temporal SD
     of the cine around the candidate over the median temporal SD of the cine's body pixels.
 
     Args:
@@ -263,7 +268,7 @@ def _find_lv_at(t1_map_ms: np.ndarray, pixel_mm: float, split_ms: float, limits:
         score = compact * ring_frac * homogeneous * plausible
         if motion is not None:
             moving = float(motion[rows, cols][outer].mean())
-            score *= float(np.clip(moving / 2.0, 0.25, 1.0))
+            score *= float(np.clip(moving / limits.lv_motion_full, limits.lv_motion_floor, 1.0))
         if best is None or score > best.score:
             full = np.zeros(t1.shape, bool)
             blood = full.copy()
@@ -312,7 +317,7 @@ def checkerboard_index(image: np.ndarray, mask: np.ndarray | None = None) -> flo
 
 def cine_order_ratio(cine: np.ndarray, mask: np.ndarray) -> float:
     """Mean squared difference of consecutive frames / that of frames half a cycle apart,
-    inside ``mask``. ~0.1-0.5 for a beating heart in order, ~1 for shuffled frames.
+    inside ``mask``. ~0.03-0.06 for a beating heart in order (around the LV), 0.6-1.8 for shuffled frames.
 
     Args:
         cine: (n, H, W) frames, one cycle, in trigger-time order.
