@@ -34,15 +34,16 @@ import numpy as np
 from scipy import ndimage
 
 DEFAULT_SCORER_DIR = Path(__file__).resolve().parents[2] / "shared" / "tools"
-FWHM = 0.5
 
 
-def split_slice(img: np.ndarray, myo: np.ndarray, blood: np.ndarray, remote: np.ndarray) -> tuple[np.ndarray, float]:
-    """(inner, outer, interior) FWHM lesion pixel counts of one slice, and the ring outside the
-    myocardium in blood units. All (H, W) on the T1 grid; masks boolean."""
+def split_slice(img: np.ndarray, myo: np.ndarray, blood: np.ndarray, remote: np.ndarray,
+                fraction: float) -> tuple[np.ndarray, float]:
+    """(inner, outer, interior) lesion pixel counts of one slice at ``fraction`` of the
+    remote-to-blood range (the judge's rule), and the ring outside the myocardium in blood
+    units. All (H, W) on the T1 grid; masks boolean."""
     d = ndimage.distance_transform_edt(blood)
     hi, lo = img[blood & (d >= np.median(d[blood]))].mean(), img[remote].mean()
-    lesion = myo & (img > lo + FWHM * (hi - lo))
+    lesion = myo & (img > lo + fraction * (hi - lo))
     filled = ndimage.binary_fill_holes(myo)
     inner = myo & ndimage.binary_dilation(filled & ~myo)
     outer = myo & ndimage.binary_dilation(~filled) & ~inner
@@ -78,7 +79,7 @@ def main() -> int:
         names.append(case.name)
         for key, imgs in (("VNE", pred), ("clean LGE", tr["lge_clean"].astype(float))):
             for s, img in enumerate(imgs):
-                counts, ring = split_slice(img, tr["myo"][s], tr["blood"][s], tr["remote"][s])
+                counts, ring = split_slice(img, tr["myo"][s], tr["blood"][s], tr["remote"][s], score_exams.FRACS["FWHM"])
                 totals[key] += counts
                 rings[key].append(ring)
         n_myo += int(tr["myo"].sum())

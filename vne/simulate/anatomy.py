@@ -22,6 +22,9 @@ TISSUES = (
 )
 T = {name: k for k, name in enumerate(TISSUES)}
 PHENOTYPES = ("normal", "septal", "concentric", "apical")
+# the epicardial fat layer is at most this many times its mean thickness (patches); the static
+# background starts beyond the thickest patch (heart_radius_mm)
+PERICARDIAL_FAT_MAX_REL = 2.0
 
 
 @dataclass
@@ -75,7 +78,7 @@ class HeartSlice:
         k = np.arange(1, self.pericardial_fat_shape.shape[0] + 1)
         ang = np.asarray(theta)[..., None] * k
         rel = 1.0 + (np.cos(ang) * self.pericardial_fat_shape[:, 0] + np.sin(ang) * self.pericardial_fat_shape[:, 1]).sum(-1)
-        return self.pericardial_fat_mm * np.clip(rel, 0.0, 2.0)
+        return self.pericardial_fat_mm * np.clip(rel, 0.0, PERICARDIAL_FAT_MAX_REL)
 
     @property
     def insertion_thetas(self) -> tuple[float, float]:
@@ -221,7 +224,7 @@ def _smooth_texture(u, v, seed: int, scale_mm: float) -> np.ndarray:
 
 def heart_radius_mm(h: HeartSlice) -> float:
     """A radius around the LV centre outside which nothing moves with the heart beat."""
-    return float(h.r_endo_mm * 1.25 + h.wall_max_mm + h.rv_depth_mm + h.rv_wall_mm + 2.0 * h.pericardial_fat_mm + 4.0)
+    return float(h.r_endo_mm * 1.25 + h.wall_max_mm + h.rv_depth_mm + h.rv_wall_mm + PERICARDIAL_FAT_MAX_REL * h.pericardial_fat_mm + 4.0)
 
 
 def background_fractions(h: HeartSlice, u: np.ndarray, v: np.ndarray, pixel_mm: float) -> np.ndarray:
