@@ -20,6 +20,7 @@ Needs the ``onnx`` package (``pip install -e .[train]``); the runtime never does
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -97,11 +98,14 @@ def main(argv=None) -> int:
     calib = [pad_to_multiple({n: p.x[n] for n in INPUT_NAMES}, ref.contract.pad_multiple)[0]
              for _, p, _ in slices_of(args.exams, ref.contract, 0, args.calib)]
     pre = tmp / "pre.onnx"
-    quant_pre_process(str(args.model), str(pre), skip_symbolic_shape=True)
     int8 = tmp / "int8.onnx"
-    quantize_static(str(pre), str(int8), Calibration(calib), quant_format=QuantFormat.QDQ, per_channel=True,
-                    weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
-                    calibrate_method=CalibrationMethod.MinMax)
+    # ONNX Runtime's quantisation tools leave scratch files (sym_shape_infer_temp.onnx, <uuid>.data)
+    # in the working directory: keep them in the temporary folder, out of the checkout.
+    with contextlib.chdir(tmp):
+        quant_pre_process(str(args.model.resolve()), str(pre), skip_symbolic_shape=True)
+        quantize_static(str(pre), str(int8), Calibration(calib), quant_format=QuantFormat.QDQ, per_channel=True,
+                        weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
+                        calibrate_method=CalibrationMethod.MinMax)
     fp16 = tmp / "fp16.onnx"
     onnx.save(convert_float_to_float16(onnx.load(str(args.model)), keep_io_types=True), str(fp16))
     sessions = {"fp32": ref.session}

@@ -2,16 +2,19 @@
 
 :func:`prepare` takes a matched :class:`~vne.exam.SliceSet` to the model's inputs:
 
-1. the cine frames onto the T1 grid, on the cine's footprint only (the bounding box of the
-   cine field of view on the T1 grid; zero outside, as on the full grid), with the resampling
-   operator cached per geometry pair (:mod:`vne.exam.resampling`), then to the model's cycle
-   (:func:`vne.prepare.contract.cine_cycle`);
+1. the cine's motion map: each pixel's temporal SD and mean over the frames on the cine's own
+   grid, and only these two images resampled onto the cine's footprint on the T1 grid (the
+   bounding box of the cine field of view; zero outside), with the resampling operator cached
+   per geometry pair (:mod:`vne.exam.resampling`; :func:`vne.runtime.qc.motion_from_stats`);
 2. the LV and heart region from the T1 map and the cine's motion (:func:`vne.runtime.qc.find_lv`, the
    quality guard's own finder), joined with where the cine moves (:func:`vne.prepare.roi.moving_region`);
 3. the model's window around both (:func:`vne.prepare.roi.model_window`);
 4. the IR images onto the window only, and their signs restored there only
    (:func:`vne.t1.restore_polarity`, with the background threshold of the whole images, so each
-   pixel gets the sign it would get on the full grid).
+   pixel gets the sign it would get on the full grid);
+5. the cine frames onto the window only, then to the model's cycle
+   (:func:`vne.prepare.contract.cine_cycle`; bilinear in space and linear in time, pixel by
+   pixel, so the model's cine input is exactly the window of the full-grid path's).
 
 The quality guard then reads the window (:func:`vne.runtime.qc.check_inputs` with ``window=``: the same
 verdict as on the full grid), :func:`predict` runs the model on the window and pastes the VNE
@@ -87,24 +90,13 @@ def _stack(images: list[MRImage], what: str) -> np.ndarray:
     return np.stack([np.asarray(im.pixels, np.float32) for im in images])
 
 
-def _crop_or_zero(stack: np.ndarray, have: Window, want: Window) -> np.ndarray:
-    """``want`` of an image that is ``stack`` on ``have`` and zero elsewhere."""
-    out = np.zeros((stack.shape[0], want[0].stop - want[0].start, want[1].stop - want[1].start), np.float32)
-    r0, r1 = max(have[0].start, want[0].start), min(have[0].stop, want[0].stop)
-    c0, c1 = max(have[1].start, want[1].start), min(have[1].stop, want[1].stop)
-    if r0 < r1 and c0 < c1:
-        out[:, r0 - want[0].start:r1 - want[0].start, c0 - want[1].start:c1 - want[1].start] = \
-            stack[:, r0 - have[0].start:r1 - have[0].start, c0 - have[1].start:c1 - have[1].start]
-    return out
-
-
 def prepare(contract: ModelContract, s: SliceSet, *, limits=None, pad_multiple: int | None = None) -> Prepared:
     """The model's inputs for one matched slice, on the heart window (module docstring).
 
     Raises:
         InputError: non-finite data, mismatched shapes, or no usable overlap.
     """
-    from .qc import DEFAULT_LIMITS, cine_motion, find_lv
+    from .qc import DEFAULT_LIMITS, find_lv, motion_from_stats
     from ..t1 import background_threshold, restore_polarity
 
     limits = limits or DEFAULT_LIMITS
@@ -127,7 +119,8 @@ def prepare(contract: ModelContract, s: SliceSet, *, limits=None, pad_multiple: 
         raise InputError(f"{s.key}: T1 map contains NaN or inf")
     pixel_mm = float(np.mean(target.pixel_spacing_mm))
 
-    # 1. cine on its footprint, then on the model's cycle
+    # 1. the cine's motion: its temporal SD and mean on its own grid, then just those two images
+    #    onto its footprint on the T1 grid (not every frame)
     cmap = grid_map(s.cine_frames[0].geometry, target)
     coverage = float(cmap.inside.mean())
     if cmap.bbox is None or coverage < MIN_CINE_COVERAGE:
@@ -137,13 +130,14 @@ def prepare(contract: ModelContract, s: SliceSet, *, limits=None, pad_multiple: 
         raise InputError(f"{s.key}: cine frames contain NaN or inf")
     trig = np.array([im.trigger_time_ms for im in s.cine_frames], np.float32)
     rr = next((im.rr_interval_ms for im in s.cine_frames if im.rr_interval_ms), None)
-    cyc_box = cine_cycle(contract, cmap.apply(cine_raw, cmap.bbox), trig, rr)
+    stats = cmap.apply(np.stack([cine_raw.std(axis=0), cine_raw.mean(axis=0)]), cmap.bbox) \
+        if len(s.cine_frames) >= 4 else None
     lap("cine")
 
     # 2. the LV (the guard's finder), 3. the window around its heart region
     lv, lv_error, heart = None, "", None
     try:
-        motion = cine_motion(cyc_box, shape, cmap.bbox)
+        motion = None if stats is None else motion_from_stats(stats[0], stats[1], shape, cmap.bbox)
         lv = find_lv(t1_ms, pixel_mm, limits, motion=motion)
         if lv is not None and lv.score >= limits.min_lv_score:
             moving = roi.moving_region(motion)
@@ -170,7 +164,10 @@ def prepare(contract: ModelContract, s: SliceSet, *, limits=None, pad_multiple: 
         raise InputError(f"{s.key}: IR images contain NaN or inf")
     lap("ir_signs")
 
-    x = inputs_from_cycle(contract, t1_ms[window], ir_signed, ti, _crop_or_zero(cyc_box, cmap.bbox, window))
+    # 5. the cine on the window only (zero outside its footprint), on the model's cycle
+    cine_w = cine_cycle(contract, cmap.apply(cine_raw, window), trig, rr)
+    lap("cine_window")
+    x = inputs_from_cycle(contract, t1_ms[window], ir_signed, ti, cine_w)
     lap("inputs")
     return Prepared(key=s.key, t1=t1, t1_map_ms=t1_ms, x=x, window=window, shape=shape, lv=lv, lv_error=lv_error,
                     pixel_mm=pixel_mm, cine_coverage=coverage, timings=tm)

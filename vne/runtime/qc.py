@@ -180,10 +180,18 @@ def cine_motion(cine: np.ndarray, shape: tuple[int, int] | None = None,
     if c.ndim != 3 or c.shape[0] < 4:
         return None
     c = c.astype(np.float64)
-    sd_w, mean_w = c.std(axis=0), c.mean(axis=0)
-    if window is None:
-        sd, mean = sd_w, mean_w
-    else:
+    return motion_from_stats(c.std(axis=0), c.mean(axis=0), shape, window)
+
+
+def motion_from_stats(sd: np.ndarray, mean: np.ndarray, shape: tuple[int, int] | None = None,
+                      window: tuple[slice, slice] | None = None) -> np.ndarray:
+    """:func:`cine_motion` from the cine's temporal SD and mean images, (h, w) each, on the
+    whole grid or on ``window`` of a grid of ``shape`` (zero elsewhere). The gadget computes
+    them on the cine's own grid and resamples just these two images onto the T1 grid
+    (:func:`vne.runtime.inference.prepare`), instead of every frame."""
+    sd, mean = np.asarray(sd, np.float64), np.asarray(mean, np.float64)
+    if window is not None:
+        sd_w, mean_w = sd, mean
         sd, mean = np.zeros(shape), np.zeros(shape)
         sd[window], mean[window] = sd_w, mean_w
     body = mean > 0.1 * np.percentile(mean, 99)
@@ -240,7 +248,7 @@ def _find_lv_at(t1_map_ms: np.ndarray, pixel_mm: float, split_ms: float, limits:
     r_in = max(1, int(round(limits.ring_mm[0] / pixel_mm)))
     r_out = max(r_in + 1, int(round(limits.ring_mm[1] / pixel_mm)))
     objects = ndimage.find_objects(labels)
-    best: LVRegions | None = None
+    best = None  # (score, rows, cols, comp, ring) of the best candidate so far
     for lab in range(1, n + 1):
         a = area_px[lab] * px2
         if not (limits.lv_area_mm2[0] <= a <= limits.lv_area_mm2[1]):
@@ -253,8 +261,10 @@ def _find_lv_at(t1_map_ms: np.ndarray, pixel_mm: float, split_ms: float, limits:
         ii, jj = np.nonzero(comp)
         r_max = np.hypot(ii - ii.mean(), jj - jj.mean()).max() + 0.5
         compact = float(comp.sum() / (np.pi * r_max * r_max))
-        outer = ndimage.binary_dilation(comp, iterations=r_out)
-        inner = ndimage.binary_dilation(comp, iterations=r_in)
+        # the shell r_in..r_out pixels out (city-block distance: what r iterations of a binary
+        # dilation with the 4-neighbour cross give, in one pass)
+        dist = ndimage.distance_transform_cdt(~comp, metric="taxicab")
+        outer, inner = dist <= r_out, dist <= r_in
         shell = outer & ~inner
         ring = shell & myo_like[rows, cols]
         ring_frac = float(ring.sum() / max(shell.sum(), 1))
@@ -269,17 +279,22 @@ def _find_lv_at(t1_map_ms: np.ndarray, pixel_mm: float, split_ms: float, limits:
         if motion is not None:
             moving = float(motion[rows, cols][outer].mean())
             score *= float(np.clip(moving / limits.lv_motion_full, limits.lv_motion_floor, 1.0))
-        if best is None or score > best.score:
-            full = np.zeros(t1.shape, bool)
-            blood = full.copy()
-            blood[rows, cols] = ndimage.binary_erosion(comp, iterations=1) & blood_like[rows, cols]
-            if blood.sum() < 4:
-                blood[rows, cols] = comp
-            ring_full = full.copy()
-            ring_full[rows, cols] = ring
-            heart = ndimage.binary_dilation(blood, iterations=max(1, int(round(20.0 / pixel_mm))))
-            best = LVRegions(blood=blood, ring=ring_full, heart=heart, score=score)
-    return best
+        if best is None or score > best[0]:
+            best = (score, rows, cols, comp, ring)
+    if best is None:
+        return None
+    # the winner's masks on the whole grid
+    score, rows, cols, comp, ring = best
+    blood = np.zeros(t1.shape, bool)
+    blood[rows, cols] = ndimage.binary_erosion(comp, iterations=1) & blood_like[rows, cols]
+    if blood.sum() < 4:
+        blood[rows, cols] = comp
+    ring_full = np.zeros(t1.shape, bool)
+    ring_full[rows, cols] = ring
+    # the blood pool dilated by 20 mm (city-block, as 20 mm of 4-neighbour dilation steps)
+    reach = max(1, int(round(20.0 / pixel_mm)))
+    heart = ndimage.distance_transform_cdt(~blood, metric="taxicab") <= reach
+    return LVRegions(blood=blood, ring=ring_full, heart=heart, score=score)
 
 
 # --------------------------------------------------------------------------------------------
