@@ -10,7 +10,10 @@ Modes:
   gadgets.vne_gadget gadget`` process per stream (process start, imports and model load are
   inside the measurement; the stream is sent as soon as the gadget connects);
 - **connect (warm)**: one ``vne serve`` process, model loaded and warmed up once, several
-  streams in a row (Gadgetron's ``<connect>``);
+  streams in a row (Gadgetron's ``<connect>``); each stream is sent twice: as a burst (as fast as
+  the socket takes it, so all slices complete within milliseconds and queue behind each other:
+  a replay, the worst case) and paced (``--slice-gap-ms``: each slice completes one gap after the
+  previous one, as on a scanner where each ShMOLLI slice is its own breath-hold, seconds apart);
 - **in-process**: :func:`vne.runtime.pipeline.process_stream` with ``tracemalloc``, for the Python heap
   peak and the per-slice compute time without any transport.
 
@@ -21,7 +24,7 @@ of the in-process run.
 Usage::
 
     python benchmarks/bench_gadget.py [--exam exam.h5] [--model M.onnx | --make-model tiny|default]
-                                      [--cold 2] [--warm 3] [--threads N]
+                                      [--cold 2] [--warm 3] [--threads N] [--slice-gap-ms 1000]
 
 ``--make-model`` exports a randomly initialised generator (``training.networks``, tiny widths or
 the default configuration) for timing only; it needs torch, the gadget itself never does.
@@ -94,16 +97,24 @@ def config_xml(**props) -> str:
 class Clock:
     """Send / receive timestamps of one stream and the latencies they give."""
 
-    def __init__(self, images: list) -> None:
+    def __init__(self, images: list, slice_gap_s: float = 0.0) -> None:
         self.images = images
         roles = [from_mrd(im).role for im in images]
         self.needed = {k for k, r in enumerate(roles) if r in NEEDED}
         self.sent: dict[int, float] = {}
         self.vne: dict[int, float] = {}
         self.input_series = {im.image_series_index for im in images}
+        # the image that completes each slice (its last needed input), but the last slice's
+        last_of: dict[int, int] = {}
+        for k in sorted(self.needed):
+            last_of[int(images[k].slice)] = k
+        self.pause_after = set(sorted(last_of.values())[:-1]) if slice_gap_s > 0 else set()
+        self.slice_gap_s = slice_gap_s
 
     def on_sent(self, k, im, t):
         self.sent[k] = t
+        if k in self.pause_after:  # paced: the next slice completes one breath-hold later
+            time.sleep(self.slice_gap_s)
 
     def on_received(self, item, t):
         if isinstance(item, ismrmrd.Image) and item.image_series_index not in self.input_series:
@@ -161,8 +172,8 @@ def start_serve(model, threads, cache_dir):
     raise RuntimeError("vne serve did not start")
 
 
-def run_connect(port, header, images) -> dict:
-    clock = Clock(images)
+def run_connect(port, header, images, slice_gap_s: float = 0.0) -> dict:
+    clock = Clock(images, slice_gap_s)
     t0 = time.perf_counter()
     exchange("127.0.0.1", port, header, images, on_sent=clock.on_sent, on_received=clock.on_received)
     per_slice, exam = clock.latencies()
@@ -209,6 +220,9 @@ def main(argv=None) -> int:
     ap.add_argument("--cold", type=int, default=2, help="execute-mode runs (fresh process each)")
     ap.add_argument("--warm", type=int, default=3, help="connect-mode streams against one vne serve")
     ap.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    ap.add_argument("--slice-gap-ms", type=float, default=1000.0,
+                    help="connect mode is also run paced: each slice's last needed input this long after the "
+                         "previous slice's, as slices acquired in separate breath-holds arrive (0: burst only)")
     args = ap.parse_args(argv)
 
     tmp = Path(tempfile.mkdtemp(prefix="vne-bench-"))
@@ -231,12 +245,17 @@ def main(argv=None) -> int:
     proc, port = start_serve(model, args.threads, str(tmp / "cache-serve"))
     try:
         warm = [run_connect(port, header, images) for _ in range(args.warm)]
+        paced = [run_connect(port, header, images, args.slice_gap_ms / 1000) for _ in range(args.warm)] \
+            if args.slice_gap_ms > 0 else []
         rss_serve = vm_hwm_mb(proc.pid)
     finally:
         proc.terminate()
         proc.wait(30)
     rows.append(("connect (warm)", [x for r in warm for x in r["per_slice"]], [r["exam"] for r in warm],
                  [r["total"] for r in warm], rss_serve))
+    if paced:
+        rows.append((f"connect (warm), slices {args.slice_gap_ms:.0f} ms apart", [x for r in paced for x in r["per_slice"]],
+                     [r["exam"] for r in paced], [r["total"] for r in paced], rss_serve))
 
     ip = in_process(header, images, model, args.threads)
     rows.append(("in-process", ip["per_slice"], [], [ip["total"]], float("nan")))
@@ -248,7 +267,9 @@ def main(argv=None) -> int:
         print(f"| {name} | {fmt(ps)} | {fmt(ex)} | {fmt(tot)} | {rss:.0f} |")
     print(f"\nin-process tracemalloc peak (Python heap, whole exam): {ip['peak_mb']:.0f} MB")
     print("per-slice: last needed input of a slice written -> its VNE image read back; per-exam: last needed input -> "
-          "last VNE image; execute includes process start + imports + model load (spawned at stream start)")
+          "last VNE image; execute includes process start + imports + model load (spawned at stream start); "
+          "the burst rows send the exam as fast as the socket takes it, so its slices complete together and "
+          "queue behind each other; the paced row sends each slice one gap after the previous one")
     return 0
 
 

@@ -1,7 +1,7 @@
 """The quality guard (vne.runtime.qc): it passes our own slices and refuses unfamiliar input.
 
 Each refusal case of issue 14 is fed to it: a 3 T T1 map to a 1.5 T model, T1 in the wrong units,
-shuffled cine phases, an IR series from another slice (and a cine from the wrong place), plus the
+shuffled cine phases, an IR series from another slice (and a cine from the wrong place, a still cine), plus the
 output checks (a collapsed blood pool, a checkerboard texture). The slices come from the project's
 simulator through the gadget's own decoding, matching and resampling; the pipeline tests run the
 real `VNEPipeline` on the ISMRMRD stream and check the one logged reason and the pass-through.
@@ -35,12 +35,15 @@ def _slices(seed: int, index: int, field_t: float | None = None):
         assert s is not None, why
         g = on_t1_grid(s)
         x = model_inputs(CONTRACT, g.t1_map_ms, g.ir_signed, g.ir_ti_ms, g.cine_frames, g.cine_trigger_ms, g.rr_interval_ms)
+        x["motion"] = g.cine_motion  # the cine's motion map as the gadget computes it (from its own grid)
         out.append((x, float(np.mean(t1.geometry.pixel_spacing_mm)), truth, case.field_t))
     return out
 
 
 def _check(x, px, field_t, **kw):
     args = dict(t1_map_ms=x["t1_map_ms"][0, 0], cine=x["cine"][0], ir=x["ir"][0], ir_ti_ms=x["ir_ti_ms"][0])
+    if "cine" not in kw:  # the slice's own cine: the gadget's motion map (a replaced cine: its own map)
+        kw["motion"] = x["motion"]
     args.update(kw)
     return check_inputs(args.pop("t1_map_ms"), args.pop("cine"), args.pop("ir"), args.pop("ir_ti_ms"), px,
                         field_t=field_t, **args)
@@ -92,6 +95,20 @@ def test_shuffled_cine_phases_are_refused():
         cine = x["cine"][0][rng.permutation(x["cine"].shape[1])]
         verdict, _ = _check(x, px, f, cine=cine)
         assert not verdict.passed and "not in cardiac order" in verdict.reason
+
+
+def test_a_still_cine_is_refused_for_what_it_is():
+    # a single-phase series sent as cine (one frame repeated, with and without fresh noise):
+    # the model places the endocardial border partly from the cine's motion
+    # (benchmarks/border_sensitivity.py), so a still cine must not pass, and the reason must
+    # say why rather than blame the T1 map or the phase order
+    rng = np.random.default_rng(1)
+    for x, px, _, f in _slices(*OWN_15T):
+        first = x["cine"][0][:1]
+        for cine in (np.repeat(first, x["cine"].shape[1], axis=0),
+                     first + rng.normal(0, 0.01 * float(first.max()), x["cine"][0].shape)):
+            verdict, _ = _check(x, px, f, cine=cine.astype(np.float32))
+            assert not verdict.passed and "the cine hardly moves around the LV" in verdict.reason, verdict.reason
 
 
 def test_ir_series_from_another_slice_is_refused():

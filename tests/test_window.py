@@ -112,7 +112,8 @@ def test_the_windowed_path_gives_the_full_grid_inputs_and_guard_measures(drop_ph
         np.testing.assert_array_equal(p.x["ir"], x["ir"][..., w[0], w[1]])   # signs restored on the window only
         np.testing.assert_array_equal(p.x["cine"], x["cine"][..., w[0], w[1]])
         np.testing.assert_array_equal(p.x["ir_ti_ms"], x["ir_ti_ms"])
-        full, lv_full = check_inputs(x["t1_map_ms"][0, 0], x["cine"][0], x["ir"][0], x["ir_ti_ms"][0], p.pixel_mm)
+        full, lv_full = check_inputs(x["t1_map_ms"][0, 0], x["cine"][0], x["ir"][0], x["ir_ti_ms"][0], p.pixel_mm,
+                                     motion=g.cine_motion)
         windowed, lv = check_inputs(p.t1_map_ms, p.x["cine"][0], p.x["ir"][0], p.x["ir_ti_ms"][0], p.pixel_mm,
                                     lv=p.lv, window=w)
         assert windowed.measures == full.measures and windowed.passed == full.passed

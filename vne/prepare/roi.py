@@ -36,12 +36,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..exam.resampling import Window, full_window
+from ..exam.data import Geometry
+from ..exam.resampling import Window, full_window, grid_map
 
 ALIGN = 16             # window starts: multiples of the generator's total stride
 MIN_WINDOW_PX = 160
 CONTEXT_MARGIN_PX = 16
-# moving: temporal SD > 3x the median SD of the cine's body pixels (vne.runtime.qc.cine_motion), after a
+# moving: temporal SD > 3x the median SD of the cine's body pixels (cine_motion_from_frames), after a
 # 2-pixel opening (lone noisy or flowing pixels do not count)
 MOTION_THRESHOLD = 3.0
 MOTION_OPENING_PX = 2
@@ -66,9 +67,68 @@ def _span(lo: int, hi: int, size: int, n: int, multiple: int) -> slice:
     return slice(0, n)
 
 
+def cine_motion(cine: np.ndarray, shape: tuple[int, int] | None = None,
+                window: tuple[slice, slice] | None = None) -> np.ndarray | None:
+    """The cine's motion map for :func:`find_lv`: the temporal SD of each pixel over the median
+    temporal SD of the cine's body pixels (mean above 10 % of the 99th percentile).
+
+    Args:
+        cine: (n, h, w) frames, on the whole grid, or on ``window`` of a grid of ``shape``
+            when the cine is zero outside that window (its footprint on the T1 grid): the map
+            is then the same as from the zero-filled full grid, computed on the window only.
+
+    Returns:
+        (H, W) float64, or None for fewer than 4 frames.
+    """
+    c = np.asarray(cine)
+    if c.ndim != 3 or c.shape[0] < 4:
+        return None
+    c = c.astype(np.float64)
+    return motion_from_stats(c.std(axis=0), c.mean(axis=0), shape, window)
+
+
+def motion_from_stats(sd: np.ndarray, mean: np.ndarray, shape: tuple[int, int] | None = None,
+                      window: tuple[slice, slice] | None = None) -> np.ndarray:
+    """:func:`cine_motion` from the cine's temporal SD and mean images, (h, w) each, on the
+    whole grid or on ``window`` of a grid of ``shape`` (zero elsewhere). The gadget computes
+    them on the cine's own grid and resamples just these two images onto the T1 grid
+    (:func:`vne.runtime.inference.prepare`), instead of every frame."""
+    sd, mean = np.asarray(sd, np.float64), np.asarray(mean, np.float64)
+    if window is not None:
+        sd_w, mean_w = sd, mean
+        sd, mean = np.zeros(shape), np.zeros(shape)
+        sd[window], mean[window] = sd_w, mean_w
+    body = mean > 0.1 * np.percentile(mean, 99)
+    return sd / max(float(np.median(sd[body])) if body.any() else 0.0, 1e-9)
+
+
+def cine_motion_from_frames(frames: np.ndarray, source: Geometry, target: Geometry) -> np.ndarray | None:
+    """The motion map the gadget and the training caches use: each pixel's temporal SD and mean
+    over the cine frames on the cine's own grid, and only those two images resampled (bilinear)
+    onto the cine's footprint on the T1 grid, then :func:`motion_from_stats` (one definition
+    for serving and training; the map of frames already on the T1 grid, :func:`cine_motion`,
+    reads higher, because resampling and the cycle's interpolation average the noise).
+
+    Args:
+        frames: (n, h, w) cine frames on ``source`` (any order).
+        source: the cine's geometry; target: the T1 map's.
+
+    Returns:
+        (H, W) float64 on ``target``, or None for fewer than 4 frames or no overlap.
+    """
+    f = np.asarray(frames, np.float32)
+    if f.ndim != 3 or f.shape[0] < 4:
+        return None
+    cmap = grid_map(source, target)
+    if cmap.bbox is None:
+        return None
+    stats = cmap.apply(np.stack([f.std(axis=0), f.mean(axis=0)]), cmap.bbox)
+    return motion_from_stats(stats[0], stats[1], cmap.target_shape, cmap.bbox)
+
+
 def moving_region(motion: np.ndarray | None) -> np.ndarray | None:
     """(H, W) bool: where the cine moves (:data:`MOTION_THRESHOLD`), from its motion map
-    (:func:`vne.runtime.qc.cine_motion`); None without one."""
+    (:func:`cine_motion_from_frames`); None without one."""
     if motion is None:
         return None
     from scipy import ndimage

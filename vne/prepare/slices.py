@@ -23,6 +23,7 @@ import numpy as np
 from ..errors import InputError
 from ..exam.data import Geometry, MRImage, Role, SliceSet
 from ..exam.geometry import plane_distance_mm, planes_match, resample_to_grid, same_plane
+from .roi import cine_motion_from_frames
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,8 @@ class SliceOnGrid:
         rr_interval_ms: RR interval (ms), or None.
         lge: (H, W) LGE on the T1 grid, or None.
         cine_coverage: fraction of the T1 grid covered by the cine field of view.
+        cine_motion: (H, W) the cine's motion map (:func:`vne.prepare.roi.cine_motion_from_frames`,
+            as the gadget computes it), or None for fewer than 4 frames.
     """
 
     key: str
@@ -54,6 +57,7 @@ class SliceOnGrid:
     rr_interval_ms: float | None
     lge: np.ndarray | None
     cine_coverage: float
+    cine_motion: np.ndarray | None = None
 
 
 def slice_key(geom: Geometry) -> str:
@@ -224,5 +228,8 @@ def on_t1_grid(s: SliceSet) -> SliceOnGrid:
     for name, arr in (("IR images", ir_signed), ("cine frames", cine)):
         if not np.all(np.isfinite(arr)):
             raise InputError(f"{s.key}: {name} contain NaN or inf")
+    motion = cine_motion_from_frames(np.stack([np.asarray(im.pixels, np.float32) for im in s.cine_frames]),
+                                     s.cine_frames[0].geometry, target)
     return SliceOnGrid(key=s.key, t1=t1, t1_map_ms=t1_ms, ir_signed=ir_signed.astype(np.float32), ir_ti_ms=ti,
-                       cine_frames=cine, cine_trigger_ms=trig, rr_interval_ms=rr, lge=lge, cine_coverage=coverage)
+                       cine_frames=cine, cine_trigger_ms=trig, rr_interval_ms=rr, lge=lge, cine_coverage=coverage,
+                       cine_motion=motion)

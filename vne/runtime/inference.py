@@ -5,7 +5,8 @@
 1. the cine's motion map: each pixel's temporal SD and mean over the frames on the cine's own
    grid, and only these two images resampled onto the cine's footprint on the T1 grid (the
    bounding box of the cine field of view; zero outside), with the resampling operator cached
-   per geometry pair (:mod:`vne.exam.resampling`; :func:`vne.runtime.qc.motion_from_stats`);
+   per geometry pair (:mod:`vne.exam.resampling`; :func:`vne.prepare.roi.cine_motion_from_frames`,
+   which the training caches use too);
 2. the LV and heart region from the T1 map and the cine's motion (:func:`vne.runtime.qc.find_lv`, the
    quality guard's own finder), joined with where the cine moves (:func:`vne.prepare.roi.moving_region`);
 3. the model's window around both (:func:`vne.prepare.roi.model_window`);
@@ -96,7 +97,7 @@ def prepare(contract: ModelContract, s: SliceSet, *, limits=None, pad_multiple: 
     Raises:
         InputError: non-finite data, mismatched shapes, or no usable overlap.
     """
-    from .qc import DEFAULT_LIMITS, find_lv, motion_from_stats
+    from .qc import DEFAULT_LIMITS, find_lv
     from ..t1 import background_threshold, restore_polarity
 
     limits = limits or DEFAULT_LIMITS
@@ -119,8 +120,7 @@ def prepare(contract: ModelContract, s: SliceSet, *, limits=None, pad_multiple: 
         raise InputError(f"{s.key}: T1 map contains NaN or inf")
     pixel_mm = float(np.mean(target.pixel_spacing_mm))
 
-    # 1. the cine's motion: its temporal SD and mean on its own grid, then just those two images
-    #    onto its footprint on the T1 grid (not every frame)
+    # 1. the cine and its footprint on the T1 grid
     cmap = grid_map(s.cine_frames[0].geometry, target)
     coverage = float(cmap.inside.mean())
     if cmap.bbox is None or coverage < MIN_CINE_COVERAGE:
@@ -130,14 +130,12 @@ def prepare(contract: ModelContract, s: SliceSet, *, limits=None, pad_multiple: 
         raise InputError(f"{s.key}: cine frames contain NaN or inf")
     trig = np.array([im.trigger_time_ms for im in s.cine_frames], np.float32)
     rr = next((im.rr_interval_ms for im in s.cine_frames if im.rr_interval_ms), None)
-    stats = cmap.apply(np.stack([cine_raw.std(axis=0), cine_raw.mean(axis=0)]), cmap.bbox) \
-        if len(s.cine_frames) >= 4 else None
     lap("cine")
 
     # 2. the LV (the guard's finder), 3. the window around its heart region
     lv, lv_error, heart = None, "", None
     try:
-        motion = None if stats is None else motion_from_stats(stats[0], stats[1], shape, cmap.bbox)
+        motion = roi.cine_motion_from_frames(cine_raw, s.cine_frames[0].geometry, target)
         lv = find_lv(t1_ms, pixel_mm, limits, motion=motion)
         if lv is not None and lv.score >= limits.min_lv_score:
             moving = roi.moving_region(motion)

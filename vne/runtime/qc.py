@@ -18,6 +18,8 @@ inputs
     * ``t1_myo``      myocardium T1 within the range for the field strength (``myo_t1_ms``)
     * ``t1_noise``    coefficient of variation of T1 in the LV blood below ``max_blood_t1_cv``
     * ``cine_fov``    the cine covers the heart (``min_cine_heart_coverage``)
+    * ``cine_motion`` the cine moves around the LV found (``min_lv_motion``; the finder's motion
+                      map, :func:`vne.prepare.roi.cine_motion`): a single-phase or static series sent as cine fails
     * ``cine_order``  consecutive cine frames are more alike than frames half a cycle apart
                       (``max_cine_order_ratio``): shuffled phases fail
     * ``cine_reg``    the cine's blood/myocardium pattern correlates with the T1 map's
@@ -34,7 +36,7 @@ The score is the smallest margin of any check, each scaled to [0, 1] (0: at or p
 1: comfortably inside), so one number says how close a slice came to being refused.
 
 Windows: the gadget computes the cine and IR images only on a window of the T1 grid (the cine's
-footprint for :func:`cine_motion`, the model's window for the rest, :mod:`vne.prepare.roi`). Every
+footprint for the motion map, the model's window for the rest, :mod:`vne.prepare.roi`). Every
 measure here reads only pixels inside the heart region and within a few pixels of it (filters
 reach 4 pixels), so :func:`check_inputs` with ``window=`` gives the same numbers as on the full
 grid as long as the window holds the heart region with that margin, which the model's window
@@ -71,13 +73,15 @@ class QCLimits:
     ring_mm: tuple[float, float] = (1.0, 7.0)
     ring_t1_sd_ms: float = 120.0       # ring T1 spread at which the LV score halves
     # the LV finder's motion weight clip(motion / full, floor, 1): motion is the cine's temporal
-    # SD around a candidate over the body's median (a static structure reads ~1, the LV 5-15 on
-    # our own sets); 2.0/0.25 let a static aorta ringed by soft tissue outscore an apical LV
+    # SD around a candidate over the body's median (a static structure reads ~1, the LV 2.9-25,
+    # median 6-9, on our own test sets with roi.cine_motion_from_frames); 2.0/0.25 let a static
+    # aorta ringed by soft tissue outscore an apical LV
     lv_motion_full: float = 4.0
     lv_motion_floor: float = 0.1
     min_lv_score: float = 0.15
     max_blood_t1_cv: float = 0.15
     min_cine_heart_coverage: float = 0.95
+    min_lv_motion: float = 2.0          # the LV finder's motion around the LV found; a still cine reads ~1
     max_cine_order_ratio: float = 0.5   # in order: 0.03-0.06 (54 own slices, sim 2.3); shuffled by trigger time 0.64-1.2
     min_cine_t1_correlation: float = 0.4
     min_ir_t1_correlation: float = 0.5
@@ -161,41 +165,7 @@ class LVRegions:
     ring: np.ndarray         # myocardium-like pixels 1-7 mm outside the blood pool
     heart: np.ndarray        # blood pool dilated by 20 mm: where the cine must be present
     score: float             # compactness x myocardium-like fraction of the ring x its T1 homogeneity
-
-
-def cine_motion(cine: np.ndarray, shape: tuple[int, int] | None = None,
-                window: tuple[slice, slice] | None = None) -> np.ndarray | None:
-    """The cine's motion map for :func:`find_lv`: the temporal SD of each pixel over the median
-    temporal SD of the cine's body pixels (mean above 10 % of the 99th percentile).
-
-    Args:
-        cine: (n, h, w) frames, on the whole grid, or on ``window`` of a grid of ``shape``
-            when the cine is zero outside that window (its footprint on the T1 grid): the map
-            is then the same as from the zero-filled full grid, computed on the window only.
-
-    Returns:
-        (H, W) float64, or None for fewer than 4 frames.
-    """
-    c = np.asarray(cine)
-    if c.ndim != 3 or c.shape[0] < 4:
-        return None
-    c = c.astype(np.float64)
-    return motion_from_stats(c.std(axis=0), c.mean(axis=0), shape, window)
-
-
-def motion_from_stats(sd: np.ndarray, mean: np.ndarray, shape: tuple[int, int] | None = None,
-                      window: tuple[slice, slice] | None = None) -> np.ndarray:
-    """:func:`cine_motion` from the cine's temporal SD and mean images, (h, w) each, on the
-    whole grid or on ``window`` of a grid of ``shape`` (zero elsewhere). The gadget computes
-    them on the cine's own grid and resamples just these two images onto the T1 grid
-    (:func:`vne.runtime.inference.prepare`), instead of every frame."""
-    sd, mean = np.asarray(sd, np.float64), np.asarray(mean, np.float64)
-    if window is not None:
-        sd_w, mean_w = sd, mean
-        sd, mean = np.zeros(shape), np.zeros(shape)
-        sd[window], mean[window] = sd_w, mean_w
-    body = mean > 0.1 * np.percentile(mean, 99)
-    return sd / max(float(np.median(sd[body])) if body.any() else 0.0, 1e-9)
+    motion: float | None = None  # the cine's motion map averaged over the LV and its ring (None: no cine)
 
 
 def find_lv(t1_map_ms: np.ndarray, pixel_mm: float, limits: QCLimits = DEFAULT_LIMITS,
@@ -217,12 +187,14 @@ def find_lv(t1_map_ms: np.ndarray, pixel_mm: float, limits: QCLimits = DEFAULT_L
         t1_map_ms: (H, W) T1 in ms.
         pixel_mm: pixel spacing (mm).
         cine: optional (n, H, W) cine frames on the same grid.
-        motion: or the cine's :func:`cine_motion` map, already computed.
+        motion: or the cine's :func:`vne.prepare.roi.cine_motion` map, already computed.
 
     Returns:
         the best-scoring candidate, or None when no blood-like region of LV size exists.
     """
     if motion is None and cine is not None:
+        from ..prepare.roi import cine_motion
+
         motion = cine_motion(cine)
     best: LVRegions | None = None
     for split in limits.blood_myo_split_ms:
@@ -279,12 +251,14 @@ def _find_lv_at(t1_map_ms: np.ndarray, pixel_mm: float, split_ms: float, limits:
         if motion is not None:
             moving = float(motion[rows, cols][outer].mean())
             score *= float(np.clip(moving / limits.lv_motion_full, limits.lv_motion_floor, 1.0))
+        else:
+            moving = None
         if best is None or score > best[0]:
-            best = (score, rows, cols, comp, ring)
+            best = (score, rows, cols, comp, ring, moving)
     if best is None:
         return None
     # the winner's masks on the whole grid
-    score, rows, cols, comp, ring = best
+    score, rows, cols, comp, ring, moving = best
     blood = np.zeros(t1.shape, bool)
     blood[rows, cols] = ndimage.binary_erosion(comp, iterations=1) & blood_like[rows, cols]
     if blood.sum() < 4:
@@ -294,7 +268,7 @@ def _find_lv_at(t1_map_ms: np.ndarray, pixel_mm: float, split_ms: float, limits:
     # the blood pool dilated by 20 mm (city-block, as 20 mm of 4-neighbour dilation steps)
     reach = max(1, int(round(20.0 / pixel_mm)))
     heart = ndimage.distance_transform_cdt(~blood, metric="taxicab") <= reach
-    return LVRegions(blood=blood, ring=ring_full, heart=heart, score=score)
+    return LVRegions(blood=blood, ring=ring_full, heart=heart, score=score, motion=moving)
 
 
 # --------------------------------------------------------------------------------------------
@@ -371,10 +345,15 @@ def ir_t1_correlation(ir: np.ndarray, t1_map_ms: np.ndarray, mask: np.ndarray) -
     m = np.asarray(mask, bool)
     if m.sum() < 16:
         return float("nan")
-    t1 = np.asarray(t1_map_ms, np.float64)
+    # only the mask's bounding box and the filter's reach around it (4 sigma + 1): the same
+    # values inside the mask as on the whole image, at a fraction of the cost
+    rows, cols = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
+    box = (slice(max(int(rows[0]) - 5, 0), int(rows[-1]) + 6), slice(max(int(cols[0]) - 5, 0), int(cols[-1]) + 6))
+    m = m[box]
+    t1 = np.asarray(t1_map_ms, np.float64)[box]
     e_t1 = ndimage.gaussian_gradient_magnitude(t1, 1.0)[m]
     e_ir = np.zeros(int(m.sum()))
-    for img in np.abs(np.asarray(ir, np.float64)):
+    for img in np.abs(np.asarray(ir, np.float64)[:, box[0], box[1]]):
         e = ndimage.gaussian_gradient_magnitude(img, 1.0)[m]
         scale = float(np.percentile(e, 95))
         if scale > 0:
@@ -405,6 +384,7 @@ def check_inputs(
     *,
     lv: LVRegions | None | bool = False,
     window: tuple[slice, slice] | None = None,
+    motion: np.ndarray | None = None,
 ) -> tuple[QCResult, LVRegions | None]:
     """Is this slice familiar? The model's inputs on the T1 grid, before it runs.
 
@@ -413,6 +393,9 @@ def check_inputs(
             magnitude; ir_ti_ms: (m,).
         lv: the LV regions already found for this slice (:func:`find_lv` with the same T1 map
             and cine; None: none was found); default: found here.
+        motion: the cine's motion map on the T1 grid (:func:`vne.prepare.roi.cine_motion_from_frames`,
+            as the gadget and the training caches compute it) for finding the LV here; default:
+            from ``cine`` (:func:`vne.prepare.roi.cine_motion`).
         window: ``cine`` and ``ir`` cover only this window of the T1 grid (rows, cols), which
             holds the LV's heart region with a margin of at least 4 pixels (module docstring).
         pixel_mm: T1-grid pixel spacing (mm).
@@ -433,13 +416,19 @@ def check_inputs(
     if lv is False:
         if window is not None:
             raise ValueError("check_inputs on a window needs the LV found on the whole T1 map (lv=...)")
-        lv = find_lv(t1_map_ms, pixel_mm, limits, cine=cine)
+        lv = find_lv(t1_map_ms, pixel_mm, limits, cine=cine if motion is None else None, motion=motion)
+    still = "the cine hardly moves around the LV (motion {value:.1f}, limit {lo:.1f}): a single-phase or static series sent as cine?"
     if lv is None or lv.score < limits.min_lv_score:
         c.measures["lv"] = round(lv.score, 3) if lv else 0.0
+        if lv is not None and lv.motion is not None and lv.motion < limits.min_lv_motion:
+            # the finder weighs candidates by motion: a still cine sinks the LV's score too
+            c.within("cine_motion", lv.motion, limits.min_lv_motion, np.inf, still)
         c.fail("lv", "no LV blood pool ringed by myocardium found in the T1 map "
                      f"(best score {lv.score if lv else 0:.2f} < {limits.min_lv_score}): not a short-axis native T1 map?")
         return c.result(), lv
     c.measures["lv"] = round(lv.score, 3)
+    if lv.motion is not None:
+        c.within("cine_motion", lv.motion, limits.min_lv_motion, np.inf, still)
     t1 = np.asarray(t1_map_ms, np.float64)
     fs = "" if not field_t else f" at {field_t:g} T"
     blood_t1 = float(np.median(t1[lv.blood]))

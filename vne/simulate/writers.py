@@ -147,7 +147,8 @@ def write_case_cache(case: SimulatedCase, directory, contract: ModelContract, cr
         # the runtime guard's input checks, one definition for training and serving: a slice the
         # gadget would refuse is marked, and training leaves it out (data.skip_qc_failures)
         verdict, _ = check_inputs(x["t1_map_ms"][0, 0], x["cine"][0], x["ir"][0], x["ir_ti_ms"][0],
-                                  pixel_mm=float(np.mean(g_crop.pixel_spacing_mm)), field_t=case.field_t)
+                                  pixel_mm=float(np.mean(g_crop.pixel_spacing_mm)), field_t=case.field_t,
+                                  motion=grid.cine_motion)
         slice_id = f"{case.case_id}_s{truth.slice_index}"
         write_slice(directory, slice_id, {
             "cine": x["cine"][0], "ir": x["ir"][0], "ir_ti_ms": x["ir_ti_ms"][0], "t1_map_ms": x["t1_map_ms"][0, 0],
