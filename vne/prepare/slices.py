@@ -110,6 +110,28 @@ def _dedupe(images: list[MRImage], key) -> tuple[list[MRImage], int]:
     return out, len(images) - len(out)
 
 
+_UNSET = "unset"  # _ordered_series: a matched image lacks the attribute the series is ordered by
+
+
+def _ordered_series(images: list[MRImage], target: Geometry, attr: str) -> tuple[list[MRImage] | None, str, int]:
+    """The series of ``images`` in the plane nearest ``target``, images repeating an ``attr``
+    value dropped (:func:`_dedupe`), sorted by ``attr`` (inversion or trigger time).
+
+    Returns:
+        (images, how far / why none, duplicates dropped); images is None when no series
+        matches the plane (why: :func:`_nearest_matching`'s reason) or one of them lacks
+        ``attr`` (why: :data:`_UNSET`).
+    """
+    group, why = _nearest_matching(group_by_plane(images), target)
+    if group is None:
+        return None, why, 0
+    group, n_dup = _dedupe(group, lambda im: getattr(im, attr))
+    if any(getattr(im, attr) is None for im in group):
+        return None, _UNSET, n_dup
+    group.sort(key=lambda im: getattr(im, attr))
+    return group, why, n_dup
+
+
 def assemble(t1_map: MRImage, images: list[MRImage], need_lge: bool = False) -> tuple[SliceSet | None, str]:
     """Collect the IR images, cine frames (and LGE) that belong to one T1 map.
 
@@ -125,13 +147,10 @@ def assemble(t1_map: MRImage, images: list[MRImage], need_lge: bool = False) -> 
     target = t1_map.geometry
     by_role = {r: [im for im in images if im.role == r] for r in (Role.IR_MAGNITUDE, Role.IR_PHASE, Role.CINE, Role.LGE)}
 
-    ir_group, ir_why = _nearest_matching(group_by_plane(by_role[Role.IR_MAGNITUDE]), target)
+    ir_group, ir_why, n_dup = _ordered_series(by_role[Role.IR_MAGNITUDE], target, "inversion_time_ms")
     if ir_group is None:
-        return None, f"{key}: no IR-weighted images match the T1 map plane ({ir_why})"
-    ir_group, n_dup = _dedupe(ir_group, lambda im: im.inversion_time_ms)
-    if any(im.inversion_time_ms is None for im in ir_group):
-        return None, f"{key}: IR images without an inversion time"
-    ir_group.sort(key=lambda im: im.inversion_time_ms)
+        return None, (f"{key}: IR images without an inversion time" if ir_why == _UNSET
+                      else f"{key}: no IR-weighted images match the T1 map plane ({ir_why})")
     phase_group, _ = _nearest_matching(group_by_plane(by_role[Role.IR_PHASE]), target)
     phases: list[MRImage] = []
     if phase_group:
@@ -139,13 +158,10 @@ def assemble(t1_map: MRImage, images: list[MRImage], need_lge: bool = False) -> 
         if all(im.inversion_time_ms in by_ti for im in ir_group):
             phases = [by_ti[im.inversion_time_ms] for im in ir_group]
 
-    cine_group, cine_why = _nearest_matching(group_by_plane(by_role[Role.CINE]), target)
+    cine_group, cine_why, n_dup_c = _ordered_series(by_role[Role.CINE], target, "trigger_time_ms")
     if cine_group is None:
-        return None, f"{key}: no cine slice matches the T1 map plane ({cine_why})"
-    cine_group, n_dup_c = _dedupe(cine_group, lambda im: im.trigger_time_ms)
-    if any(im.trigger_time_ms is None for im in cine_group):
-        return None, f"{key}: cine frames without trigger times"
-    cine_group.sort(key=lambda im: im.trigger_time_ms)
+        return None, (f"{key}: cine frames without trigger times" if cine_why == _UNSET
+                      else f"{key}: no cine slice matches the T1 map plane ({cine_why})")
     if len(cine_group) < MIN_CINE_FRAMES:
         return None, f"{key}: only {len(cine_group)} cine frames (need >= {MIN_CINE_FRAMES} for one cycle)"
 
