@@ -44,6 +44,8 @@ from typing import Any
 
 import ismrmrd
 
+from ..errors import reason
+
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = 1
@@ -395,8 +397,7 @@ def decode_image(frame: Frame):
     try:
         return ismrmrd.Image.from_bytes(copy)
     except Exception as exc:
-        first = str(exc).splitlines()[0][:200] if str(exc) else ""
-        raise ValueError(f"{exc.__class__.__name__}: {first}") from None
+        raise ValueError(reason(exc)) from None
 
 
 def read_image_safely(source):
