@@ -95,6 +95,8 @@ def motion_from_stats(sd: np.ndarray, mean: np.ndarray, shape: tuple[int, int] |
     (:func:`vne.runtime.inference.prepare`), instead of every frame."""
     sd, mean = np.asarray(sd, np.float64), np.asarray(mean, np.float64)
     if window is not None:
+        if shape is None:
+            raise ValueError("motion_from_stats on a window needs the grid's shape")
         sd_w, mean_w = sd, mean
         sd, mean = np.zeros(shape), np.zeros(shape)
         sd[window], mean[window] = sd_w, mean_w
@@ -123,7 +125,7 @@ def cine_motion_from_frames(frames: np.ndarray, source: Geometry, target: Geomet
     if cmap.bbox is None:
         return None
     stats = cmap.apply(np.stack([f.std(axis=0), f.mean(axis=0)]), cmap.bbox)
-    return motion_from_stats(stats[0], stats[1], cmap.target_shape, cmap.bbox)
+    return motion_from_stats(stats[0], stats[1], (cmap.target_shape[0], cmap.target_shape[1]), cmap.bbox)
 
 
 def moving_region(motion: np.ndarray | None) -> np.ndarray | None:

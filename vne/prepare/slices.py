@@ -224,6 +224,8 @@ def on_t1_grid(s: SliceSet) -> SliceOnGrid:
     from ..t1 import restore_polarity  # the T1 module is heavier; import on use
 
     t1 = s.t1_map
+    if t1 is None:
+        raise InputError(f"{s.key}: no T1 map")
     target = t1.geometry
     t1_ms = np.asarray(t1.pixels, np.float32)
     if t1_ms.shape != target.shape:

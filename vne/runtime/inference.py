@@ -40,7 +40,7 @@ from ..prepare.contract import ModelContract, cine_cycle, inputs_from_cycle
 from ..errors import InputError
 from ..exam.data import MRImage, SliceSet
 from ..exam.resampling import Window, grid_map
-from .qc import QCResult, check_inputs, check_output
+from .qc import LVRegions, QCResult, check_inputs, check_output
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class Prepared:
     x: dict
     window: Window
     shape: tuple[int, int]
-    lv: object
+    lv: LVRegions | None
     lv_error: str
     pixel_mm: float
     cine_coverage: float
@@ -111,8 +111,10 @@ def prepare(contract: ModelContract, s: SliceSet, *, limits=None, pad_multiple: 
         t0 = t
 
     t1 = s.t1_map
+    if t1 is None:
+        raise InputError(f"{s.key}: no T1 map")
     target = t1.geometry
-    shape = tuple(int(v) for v in target.shape)
+    shape = (int(target.shape[0]), int(target.shape[1]))
     t1_ms = np.asarray(t1.pixels, np.float32)
     if t1_ms.shape != shape:
         raise InputError(f"{s.key}: T1 map pixels {t1_ms.shape} do not match its geometry {shape}")

@@ -315,9 +315,9 @@ def cine_order_ratio(cine: np.ndarray, mask: np.ndarray) -> float:
     n = f.shape[0]
     if n < 4:
         return float("nan")
-    d1 = np.mean((f - np.roll(f, 1, axis=0)) ** 2)
-    dh = np.mean((f - np.roll(f, n // 2, axis=0)) ** 2)
-    return float(d1 / max(dh, 1e-12))
+    d1 = float(np.mean((f - np.roll(f, 1, axis=0)) ** 2))
+    dh = float(np.mean((f - np.roll(f, n // 2, axis=0)) ** 2))
+    return d1 / max(dh, 1e-12)
 
 
 def _corr(a: np.ndarray, b: np.ndarray) -> float:
@@ -413,7 +413,7 @@ def check_inputs(
                         f"({', '.join(f'{f:g} T' for f in trained_fields_t)})")
     if field_t is None and len(trained_fields_t) == 1:
         field_t = float(trained_fields_t[0])  # undeclared: judge the T1 by the model's one field
-    if lv is False:
+    if isinstance(lv, bool):  # not given: found here
         if window is not None:
             raise ValueError("check_inputs on a window needs the LV found on the whole T1 map (lv=...)")
         lv = find_lv(t1_map_ms, pixel_mm, limits, cine=cine if motion is None else None, motion=motion)
