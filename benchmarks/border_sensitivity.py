@@ -41,7 +41,7 @@ from scipy import ndimage
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from border_split import DEFAULT_SCORER_DIR, split_slice  # noqa: E402
+from border_split import DEFAULT_SCORER_DIR, reference_levels, split_slice  # noqa: E402
 
 Masks = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # myocardium, blood, remote, clean LGE
 
@@ -66,8 +66,7 @@ def border_profile(img: np.ndarray, myo: np.ndarray, blood: np.ndarray, remote: 
     """(mean, 90th percentile) of the myocardial ring touching the cavity and the mean of the
     cavity pixels touching the myocardium, in remote = 0 / central blood = 1 units (the judge's
     reference levels). All (H, W) on the T1 grid."""
-    d = ndimage.distance_transform_edt(blood)
-    hi, lo = img[blood & (d >= np.median(d[blood]))].mean(), img[remote].mean()
+    hi, lo = reference_levels(img, blood, remote)
     n = (img - lo) / (hi - lo)
     filled = ndimage.binary_fill_holes(myo)
     cavity = filled & ~myo
@@ -94,27 +93,15 @@ def external_slices(root: Path, model) -> Iterator[tuple[object, Masks]]:
 
 
 def own_slices(exams: Path, model) -> Iterator[tuple[object, Masks]]:
-    """Lesion-free slices of a ``vne simulate`` set, read from its ISMRMRD files as the gadget gets them."""
-    from vne.io.mrd.hdf5 import read_mrd_file
-    from vne.io.mrd.header import parse_header, study_key
-    from vne.evaluation.collect_simulated import slice_index_by_position
-    from vne.io.mrd.image import from_mrd
-    from vne.prepare.slices import build_slices
-    from vne.runtime import inference
+    """Lesion-free slices of a ``vne simulate`` set, read from its ISMRMRD files as the gadget
+    gets them (``quantize_parity.slices_of``)."""
+    from quantize_parity import slices_of
 
     doc = json.loads((exams / "cases.json").read_text())
-    for case in doc["cases"]:
-        if not case.get("lesion_free"):
-            continue
-        header, raw = read_mrd_file(exams / "mrd" / f"{case['case_id']}.h5")
-        slices, _ = build_slices([from_mrd(m, study_key(parse_header(header))) for m in raw])
-        index_of = slice_index_by_position(raw)
-        truth = np.load(exams / "truth" / f"{case['case_id']}.npz")
-        for s in slices:
-            k = index_of[tuple(np.round(s.t1_map.geometry.position_mm, 2))]
-            yield inference.prepare(model.contract, s), tuple(
-                truth[f"s{k}_{m}"].astype(float if m == "lge_clean" else bool)
-                for m in ("myocardium", "blood_pool", "remote", "lge_clean"))
+    lesion_free = {c["patient_id"] for c in doc["cases"] if c.get("lesion_free")}
+    for patient, p, m in slices_of(exams, model.contract, 0, sys.maxsize):
+        if patient in lesion_free:
+            yield p, (m["myocardium"], m["blood_pool"], m["remote"], m["lge"].astype(float))
 
 
 def main() -> int:

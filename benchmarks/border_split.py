@@ -36,13 +36,19 @@ from scipy import ndimage
 DEFAULT_SCORER_DIR = Path(__file__).resolve().parents[2] / "shared" / "tools"
 
 
+def reference_levels(img: np.ndarray, blood: np.ndarray, remote: np.ndarray) -> tuple[float, float]:
+    """(blood, remote) levels of the judge's rule: the mean of the central half of the blood
+    pool (distance from its edge at or above the median) and the remote mean."""
+    d = ndimage.distance_transform_edt(blood)
+    return float(img[blood & (d >= np.median(d[blood]))].mean()), float(img[remote].mean())
+
+
 def split_slice(img: np.ndarray, myo: np.ndarray, blood: np.ndarray, remote: np.ndarray,
                 fraction: float) -> tuple[np.ndarray, float]:
     """(inner, outer, interior) lesion pixel counts of one slice at ``fraction`` of the
     remote-to-blood range (the judge's rule), and the ring outside the myocardium in blood
     units. All (H, W) on the T1 grid; masks boolean."""
-    d = ndimage.distance_transform_edt(blood)
-    hi, lo = img[blood & (d >= np.median(d[blood]))].mean(), img[remote].mean()
+    hi, lo = reference_levels(img, blood, remote)
     lesion = myo & (img > lo + fraction * (hi - lo))
     filled = ndimage.binary_fill_holes(myo)
     inner = myo & ndimage.binary_dilation(filled & ~myo)

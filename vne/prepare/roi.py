@@ -69,8 +69,10 @@ def _span(lo: int, hi: int, size: int, n: int, multiple: int) -> slice:
 
 def cine_motion(cine: np.ndarray, shape: tuple[int, int] | None = None,
                 window: tuple[slice, slice] | None = None) -> np.ndarray | None:
-    """The cine's motion map for :func:`find_lv`: the temporal SD of each pixel over the median
-    temporal SD of the cine's body pixels (mean above 10 % of the 99th percentile).
+    """The motion map of cine frames already on the T1 grid, for :func:`vne.runtime.qc.find_lv`:
+    the temporal SD of each pixel over the median temporal SD of the cine's body pixels (mean
+    above 10 % of the 99th percentile). The gadget and the training caches use
+    :func:`cine_motion_from_frames` (from the cine's own grid), which reads lower.
 
     Args:
         cine: (n, h, w) frames, on the whole grid, or on ``window`` of a grid of ``shape``
@@ -90,9 +92,7 @@ def cine_motion(cine: np.ndarray, shape: tuple[int, int] | None = None,
 def motion_from_stats(sd: np.ndarray, mean: np.ndarray, shape: tuple[int, int] | None = None,
                       window: tuple[slice, slice] | None = None) -> np.ndarray:
     """:func:`cine_motion` from the cine's temporal SD and mean images, (h, w) each, on the
-    whole grid or on ``window`` of a grid of ``shape`` (zero elsewhere). The gadget computes
-    them on the cine's own grid and resamples just these two images onto the T1 grid
-    (:func:`vne.runtime.inference.prepare`), instead of every frame."""
+    whole grid or on ``window`` of a grid of ``shape`` (zero elsewhere)."""
     sd, mean = np.asarray(sd, np.float64), np.asarray(mean, np.float64)
     if window is not None:
         if shape is None:

@@ -194,18 +194,37 @@ def build_slices(images: list[MRImage], need_lge: bool = False) -> tuple[list[Sl
     return slices, reasons
 
 
-def _stack_on(images: list[MRImage], target: Geometry) -> tuple[np.ndarray, np.ndarray]:
-    """Resample images (all on one source grid) onto ``target``; identity when the grids agree."""
+def stack_pixels(images: list[MRImage], what: str = "images") -> np.ndarray:
+    """The pixels of one slice's images of one role, (n, h, w) float32, checked: each pixel
+    array matches its geometry and all share one shape (``what`` names them in the message).
+
+    Raises:
+        InputError: a pixel array that does not match its geometry, or mixed shapes.
+    """
     src = images[0].geometry
     for im in images:
-        if np.asarray(im.pixels).shape != im.geometry.shape:
-            raise InputError(f"{im.source or im.series}: pixel array {np.asarray(im.pixels).shape} does not match its geometry {im.geometry.shape}")
+        if np.shape(im.pixels) != im.geometry.shape:
+            raise InputError(f"{im.source or im.series}: pixel array {np.shape(im.pixels)} does not match its "
+                             f"geometry {im.geometry.shape}")
     if not all(im.geometry.shape == src.shape for im in images):
-        raise InputError(f"images of one slice have mixed shapes: {sorted({im.geometry.shape for im in images})}")
-    stack = np.stack([np.asarray(im.pixels, np.float32) for im in images])
+        raise InputError(f"{what} of one slice have mixed shapes: {sorted({im.geometry.shape for im in images})}")
+    if not all(im.geometry == src for im in images):
+        log.debug("%s of one slice differ slightly in geometry; the first one's is used", what)
+    return np.stack([np.asarray(im.pixels, np.float32) for im in images])
+
+
+def _onto(stack: np.ndarray, images: list[MRImage], target: Geometry) -> tuple[np.ndarray, np.ndarray]:
+    """``stack`` (:func:`stack_pixels` of ``images``, all on one source grid) resampled onto
+    ``target``, and where the source covers it; identity when the grids agree."""
+    src = images[0].geometry
     if all(im.geometry == src for im in images) and src == target:
         return stack, np.ones(target.shape, bool)
     return resample_to_grid(stack, src, target)
+
+
+def _stack_on(images: list[MRImage], target: Geometry) -> tuple[np.ndarray, np.ndarray]:
+    """Resample images (all on one source grid) onto ``target``; identity when the grids agree."""
+    return _onto(stack_pixels(images), images, target)
 
 
 def _phase_on(images: list[MRImage], target: Geometry) -> np.ndarray:
@@ -236,7 +255,8 @@ def on_t1_grid(s: SliceSet) -> SliceOnGrid:
     ti = np.array([im.inversion_time_ms for im in s.ir_images], np.float32)
     phase = _phase_on(s.ir_phase, target) if s.ir_phase else None
     ir_signed = restore_polarity(ir, ti, ir_phase=phase, t1_map_ms=t1_ms)
-    cine, inside = _stack_on(s.cine_frames, target)
+    cine_raw = stack_pixels(s.cine_frames)
+    cine, inside = _onto(cine_raw, s.cine_frames, target)
     coverage = float(inside.mean())
     if coverage < 0.05:
         raise InputError(f"{s.key}: the cine field of view does not overlap the T1 map")
@@ -246,8 +266,7 @@ def on_t1_grid(s: SliceSet) -> SliceOnGrid:
     for name, arr in (("IR images", ir_signed), ("cine frames", cine)):
         if not np.all(np.isfinite(arr)):
             raise InputError(f"{s.key}: {name} contain NaN or inf")
-    motion = cine_motion_from_frames(np.stack([np.asarray(im.pixels, np.float32) for im in s.cine_frames]),
-                                     s.cine_frames[0].geometry, target)
+    motion = cine_motion_from_frames(cine_raw, s.cine_frames[0].geometry, target)
     return SliceOnGrid(key=s.key, t1=t1, t1_map_ms=t1_ms, ir_signed=ir_signed.astype(np.float32), ir_ti_ms=ti,
                        cine_frames=cine, cine_trigger_ms=trig, rr_interval_ms=rr, lge=lge, cine_coverage=coverage,
                        cine_motion=motion)

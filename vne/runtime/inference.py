@@ -37,6 +37,7 @@ import numpy as np
 
 from ..prepare import roi
 from ..prepare.contract import ModelContract, cine_cycle, inputs_from_cycle
+from ..prepare.slices import stack_pixels
 from ..errors import InputError
 from ..exam.data import MRImage, SliceSet
 from ..exam.resampling import Window, grid_map
@@ -78,19 +79,6 @@ class Prepared:
         return (self.window[0].stop - self.window[0].start, self.window[1].stop - self.window[1].start) == self.shape
 
 
-def _stack(images: list[MRImage], what: str) -> np.ndarray:
-    src = images[0].geometry
-    for im in images:
-        if np.shape(im.pixels) != im.geometry.shape:
-            raise InputError(f"{im.source or im.series}: pixel array {np.shape(im.pixels)} does not match its "
-                             f"geometry {im.geometry.shape}")
-        if im.geometry.shape != src.shape:
-            raise InputError(f"{what} of one slice have mixed shapes: {sorted({i.geometry.shape for i in images})}")
-    if not all(im.geometry == src for im in images):
-        log.debug("%s of one slice differ slightly in geometry; the first one's is used", what)
-    return np.stack([np.asarray(im.pixels, np.float32) for im in images])
-
-
 def prepare(contract: ModelContract, s: SliceSet, *, limits=None, pad_multiple: int | None = None) -> Prepared:
     """The model's inputs for one matched slice, on the heart window (module docstring).
 
@@ -127,7 +115,7 @@ def prepare(contract: ModelContract, s: SliceSet, *, limits=None, pad_multiple: 
     coverage = float(cmap.inside.mean())
     if cmap.bbox is None or coverage < MIN_CINE_COVERAGE:
         raise InputError(f"{s.key}: the cine field of view does not overlap the T1 map")
-    cine_raw = _stack(s.cine_frames, "cine frames")
+    cine_raw = stack_pixels(s.cine_frames, "cine frames")
     if not np.all(np.isfinite(cine_raw)):
         raise InputError(f"{s.key}: cine frames contain NaN or inf")
     trig = np.array([im.trigger_time_ms for im in s.cine_frames], np.float32)
@@ -150,13 +138,13 @@ def prepare(contract: ModelContract, s: SliceSet, *, limits=None, pad_multiple: 
 
     # 4. IR images on the window, signs restored there
     imap = grid_map(s.ir_images[0].geometry, target)
-    ir_raw = _stack(s.ir_images, "IR images")
+    ir_raw = stack_pixels(s.ir_images, "IR images")
     ir_w = imap.apply(ir_raw, window)
     ti = np.array([im.inversion_time_ms for im in s.ir_images], np.float32)
     phase_w, threshold = None, None
     if s.ir_phase:
         pmap = grid_map(s.ir_phase[0].geometry, target)
-        ph = _stack(s.ir_phase, "IR phase images")
+        ph = stack_pixels(s.ir_phase, "IR phase images")
         phase_w = np.arctan2(pmap.apply(np.sin(ph), window), pmap.apply(np.cos(ph), window)).astype(np.float32)
         threshold = background_threshold(imap.apply(ir_raw) if not imap.identity else ir_raw)
     ir_signed = restore_polarity(ir_w, ti, ir_phase=phase_w, t1_map_ms=t1_ms[window], min_mean_signal=threshold)

@@ -19,7 +19,8 @@ inputs
     * ``t1_noise``    coefficient of variation of T1 in the LV blood below ``max_blood_t1_cv``
     * ``cine_fov``    the cine covers the heart (``min_cine_heart_coverage``)
     * ``cine_motion`` the cine moves around the LV found (``min_lv_motion``; the finder's motion
-                      map, :func:`vne.prepare.roi.cine_motion`): a single-phase or static series sent as cine fails
+                      map, :func:`vne.prepare.roi.cine_motion_from_frames`): a single-phase or
+                      static series sent as cine fails
     * ``cine_order``  consecutive cine frames are more alike than frames half a cycle apart
                       (``max_cine_order_ratio``): shuffled phases fail
     * ``cine_reg``    the cine's blood/myocardium pattern correlates with the T1 map's
@@ -417,18 +418,17 @@ def check_inputs(
         if window is not None:
             raise ValueError("check_inputs on a window needs the LV found on the whole T1 map (lv=...)")
         lv = find_lv(t1_map_ms, pixel_mm, limits, cine=cine if motion is None else None, motion=motion)
-    still = "the cine hardly moves around the LV (motion {value:.1f}, limit {lo:.1f}): a single-phase or static series sent as cine?"
+    # before the LV's own verdict: the finder weighs candidates by motion, so a still cine sinks
+    # the LV's score too, and the reason must name the cine
+    if lv is not None and lv.motion is not None:
+        c.within("cine_motion", lv.motion, limits.min_lv_motion, np.inf, "the cine hardly moves around the LV "
+                 "(motion {value:.1f}, limit {lo:.1f}): a single-phase or static series sent as cine?")
     if lv is None or lv.score < limits.min_lv_score:
         c.measures["lv"] = round(lv.score, 3) if lv else 0.0
-        if lv is not None and lv.motion is not None and lv.motion < limits.min_lv_motion:
-            # the finder weighs candidates by motion: a still cine sinks the LV's score too
-            c.within("cine_motion", lv.motion, limits.min_lv_motion, np.inf, still)
         c.fail("lv", "no LV blood pool ringed by myocardium found in the T1 map "
                      f"(best score {lv.score if lv else 0:.2f} < {limits.min_lv_score}): not a short-axis native T1 map?")
         return c.result(), lv
     c.measures["lv"] = round(lv.score, 3)
-    if lv.motion is not None:
-        c.within("cine_motion", lv.motion, limits.min_lv_motion, np.inf, still)
     t1 = np.asarray(t1_map_ms, np.float64)
     fs = "" if not field_t else f" at {field_t:g} T"
     blood_t1 = float(np.median(t1[lv.blood]))
