@@ -24,6 +24,7 @@ setup(
         "highdicom>=0.28",  # DICOM-SEG evaluation masks (vne evaluate --masks, vne.io.dicom_seg); no torch
         "tqdm>=4.60",
         "matplotlib>=3.7",
+        "threadpoolctl>=3.1",  # numpy's BLAS on one thread beside ONNX Runtime (vne.runtime.model)
         ORT,
     ]
 )

@@ -258,3 +258,21 @@ def test_training_leaves_out_what_the_guard_would_refuse(tmp_path):
     assert left == [entries[0]] and kept == entries[1:]
     assert usable_entries(entries, skip_qc_failures=False) == (entries, [])
     assert usable_entries([{"slice_id": "old"}]) == ([{"slice_id": "old"}], [])  # older caches: kept
+
+
+def test_fill_holes_is_scipys_on_random_masks():
+    """The LV finder fills each candidate's holes by one labelling (qc.fill_holes) instead of
+    scipy's dilation to convergence: the same masks, including holes that touch the crop's edge
+    (those are background, not holes)."""
+    from scipy import ndimage
+
+    from vne.runtime.qc import fill_holes
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        mask = ndimage.binary_opening(rng.random((30, 41)) < rng.uniform(0.3, 0.8))
+        assert np.array_equal(fill_holes(mask), ndimage.binary_fill_holes(mask))
+    ring = np.zeros((9, 9), bool)
+    ring[2:7, 2:7] = True
+    ring[4, 4] = False
+    assert fill_holes(ring)[4, 4] and not fill_holes(ring[:, 4:])[4, 0]  # cut open at the edge: not a hole

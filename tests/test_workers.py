@@ -155,3 +155,23 @@ def test_the_gpu_benchmark_skips_cleanly_without_a_gpu():
     r = subprocess.run([sys.executable, str(H.REPO / "benchmarks" / "bench_gpu.py")], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0 and "skipped" in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.skipif((__import__("os").cpu_count() or 1) < 2, reason="one core: BLAS runs on one thread anyway")
+def test_a_loaded_model_leaves_numpy_blas_on_one_thread():
+    """The slice path's small BLAS products spun OpenBLAS's threads against ONNX Runtime's (0.7 ->
+    15.6 ms for the cine cycle under load): loading a model limits numpy's BLAS to one thread.
+    Run in a fresh interpreter, since the limit is per process."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import numpy, sys; from threadpoolctl import threadpool_info; from vne.runtime.model import load_model\n"
+            "before = [p['num_threads'] for p in threadpool_info() if p['user_api'] == 'blas']\n"
+            f"load_model({str(H.tiny_model())!r})\n"
+            "after = [p['num_threads'] for p in threadpool_info() if p['user_api'] == 'blas']\n"
+            "print(before); print(after)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout
+    before, after = (json.loads(x) for x in out.strip().splitlines()[-2:])
+    assert after and all(n == 1 for n in after), out
+    assert before and max(before) > 1, f"the test cannot tell: BLAS already ran on one thread ({out})"

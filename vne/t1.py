@@ -369,12 +369,13 @@ def background_mask(ir_magnitude: np.ndarray, fraction: float = BACKGROUND_FRACT
     A pixel is fitted when its mean magnitude over the images is at least ``min_mean_signal``
     (if given) or ``fraction`` times the 99th percentile of the pixel means.
     """
-    mean = _pixel_means(ir_magnitude)
-    thr = min_mean_signal if min_mean_signal is not None else fraction * float(np.percentile(mean, 99))
+    mean = pixel_means(ir_magnitude)
+    thr = min_mean_signal if min_mean_signal is not None else threshold_of_means(mean, fraction)
     return (mean >= thr) & (mean > 0)
 
 
-def _pixel_means(ir_magnitude: np.ndarray) -> np.ndarray:
+def pixel_means(ir_magnitude: np.ndarray) -> np.ndarray:
+    """``(ny, nx)`` float64 mean magnitude of each pixel over ``(n, ny, nx)`` images (NaN, inf: 0)."""
     # accumulated in float64 without a float64 copy of the stack: the same values, 1/4 the time
     return np.nan_to_num(np.abs(np.asarray(ir_magnitude)).mean(axis=0, dtype=np.float64), nan=0.0, posinf=0.0)
 
@@ -383,7 +384,13 @@ def background_threshold(ir_magnitude: np.ndarray, fraction: float = BACKGROUND_
     """The mean-magnitude threshold :func:`background_mask` applies to these images: pass it as
     ``min_mean_signal`` when fitting a window of them, so the window's pixels are chosen as they
     would be on the whole image."""
-    return fraction * float(np.percentile(_pixel_means(ir_magnitude), 99))
+    return threshold_of_means(pixel_means(ir_magnitude), fraction)
+
+
+def threshold_of_means(means: np.ndarray, fraction: float = BACKGROUND_FRACTION) -> float:
+    """:func:`background_threshold` from the ``(ny, nx)`` :func:`pixel_means` image (which a
+    linear resampling maps to the pixel means of the resampled images)."""
+    return fraction * float(np.percentile(means, 99))
 
 
 def fit_t1(

@@ -74,6 +74,17 @@ def full_window(shape: tuple[int, int]) -> Window:
     return slice(0, int(shape[0])), slice(0, int(shape[1]))
 
 
+def mask_window(mask: np.ndarray, pad: int = 0) -> Window | None:
+    """The bounding box of a (H, W) mask widened by ``pad`` pixels (clipped to the grid), or
+    None when the mask is empty."""
+    rows = np.flatnonzero(np.any(mask, axis=1))
+    if not rows.size:
+        return None
+    cols = np.flatnonzero(np.any(mask, axis=0))
+    return (slice(max(int(rows[0]) - pad, 0), min(int(rows[-1]) + 1 + pad, mask.shape[0])),
+            slice(max(int(cols[0]) - pad, 0), min(int(cols[-1]) + 1 + pad, mask.shape[1])))
+
+
 def window_key(window: Window) -> tuple[int, int, int, int]:
     return (window[0].start, window[0].stop, window[1].start, window[1].stop)
 
@@ -106,10 +117,7 @@ class GridMap:
             self.i = pts @ np.asarray(src.phase_dir, float) / dy + (ny - 1) / 2.0
             self.inside = (self.i >= -0.5) & (self.i <= ny - 0.5) & (self.j >= -0.5) & (self.j <= nx - 0.5)
         self.inside.setflags(write=False)
-        rows = np.flatnonzero(self.inside.any(axis=1))
-        cols = np.flatnonzero(self.inside.any(axis=0))
-        self.bbox: Window | None = (slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1)) \
-            if rows.size else None
+        self.bbox: Window | None = mask_window(self.inside)
 
     def _operator(self, window: Window):
         k = window_key(window)

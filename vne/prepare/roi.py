@@ -37,7 +37,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..exam.data import Geometry
-from ..exam.resampling import Window, full_window, grid_map
+from ..exam.resampling import Window, full_window, grid_map, mask_window
 
 ALIGN = 16             # window starts: multiples of the generator's total stride
 MIN_WINDOW_PX = 160
@@ -135,7 +135,12 @@ def moving_region(motion: np.ndarray | None) -> np.ndarray | None:
         return None
     from scipy import ndimage
 
-    return ndimage.binary_opening(motion > MOTION_THRESHOLD, iterations=MOTION_OPENING_PX)
+    moving = motion > MOTION_THRESHOLD
+    out = np.zeros(moving.shape, bool)
+    box = mask_window(moving, MOTION_OPENING_PX + 1)  # the opening reaches no further out
+    if box is not None:
+        out[box] = ndimage.binary_opening(moving[box], iterations=MOTION_OPENING_PX)
+    return out
 
 
 def model_window(heart: np.ndarray | None, shape: tuple[int, int], multiple: int,

@@ -86,7 +86,7 @@ def prepare(contract: ModelContract, s: SliceSet, *, limits=None, pad_multiple: 
         InputError: non-finite data, mismatched shapes, or no usable overlap.
     """
     from .qc import DEFAULT_LIMITS, find_lv
-    from ..t1 import background_threshold, restore_polarity
+    from ..t1 import background_threshold, pixel_means, restore_polarity, threshold_of_means
 
     limits = limits or DEFAULT_LIMITS
     tm: dict[str, float] = {}
@@ -146,7 +146,10 @@ def prepare(contract: ModelContract, s: SliceSet, *, limits=None, pad_multiple: 
         pmap = grid_map(s.ir_phase[0].geometry, target)
         ph = stack_pixels(s.ir_phase, "IR phase images")
         phase_w = np.arctan2(pmap.apply(np.sin(ph), window), pmap.apply(np.cos(ph), window)).astype(np.float32)
-        threshold = background_threshold(imap.apply(ir_raw) if not imap.identity else ir_raw)
+        # the threshold of the whole resampled images; resampling is linear and the IR images are
+        # magnitudes, so it is the threshold of the resampled pixel-mean image: one image, not n
+        threshold = background_threshold(ir_raw) if imap.identity else \
+            threshold_of_means(imap.apply(pixel_means(ir_raw)[None])[0])
     ir_signed = restore_polarity(ir_w, ti, ir_phase=phase_w, t1_map_ms=t1_ms[window], min_mean_signal=threshold)
     if not np.all(np.isfinite(ir_signed)):
         raise InputError(f"{s.key}: IR images contain NaN or inf")

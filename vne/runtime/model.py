@@ -317,6 +317,30 @@ def session_options(intra_op_threads: int | None = None):
     return opts
 
 
+def limit_numpy_threads() -> None:
+    """Run numpy's BLAS on one thread in this process (idempotent): the cores belong to ONNX
+    Runtime and to the slices running beside each other.
+
+    The slice path's only BLAS products are small (the cine's cycle interpolation, a 25x25 by
+    25x25600 product); a multi-threaded OpenBLAS spins its threads against ORT's and the
+    connection threads. Measured on the 2-core host beside a 2-thread job: 15.6 ms for that
+    product with OpenBLAS's threads, 0.7 ms on one (``benchmarks/profile_slice.py`` shows the
+    effect on the whole slice)."""
+    global _numpy_threads_limited
+    if _numpy_threads_limited:
+        return
+    _numpy_threads_limited = True
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(limits=1, user_api="blas")
+    except Exception:  # no threadpoolctl, or a BLAS it cannot drive: only slower
+        log.warning("VNE: could not limit numpy's BLAS threads; small products may run slower", exc_info=True)
+
+
+_numpy_threads_limited = False
+
+
 def _dim_ok(dim, expected: int) -> bool:
     """A graph dimension matches when it is symbolic (str / None) or equal."""
     return not isinstance(dim, int) or dim <= 0 or dim == expected
@@ -353,6 +377,7 @@ class VNEModel:
         import onnxruntime as ort
 
         opts = session_options(intra_op_threads)
+        limit_numpy_threads()
         providers = choose_providers(prefer_gpu)
         try:
             self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=providers)

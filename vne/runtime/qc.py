@@ -198,29 +198,40 @@ def find_lv(t1_map_ms: np.ndarray, pixel_mm: float, limits: QCLimits = DEFAULT_L
 
         motion = cine_motion(cine)
     best: LVRegions | None = None
+    t1 = np.nan_to_num(np.asarray(t1_map_ms, np.float64))
     for split in limits.blood_myo_split_ms:
-        cand = _find_lv_at(t1_map_ms, pixel_mm, split, limits, motion)
+        cand = _find_lv_at(t1, pixel_mm, split, limits, motion)
         if cand is not None and (best is None or cand.score > best.score):
             best = cand
     return best
 
 
-def _find_lv_at(t1_map_ms: np.ndarray, pixel_mm: float, split_ms: float, limits: QCLimits,
+def _find_lv_at(t1: np.ndarray, pixel_mm: float, split_ms: float, limits: QCLimits,
                 motion: np.ndarray | None = None) -> LVRegions | None:
+    """:func:`find_lv` at one blood/myocardium split; ``t1`` (H, W) float64 without NaN.
+
+    The morphology runs on bounding boxes (of the blood-like pixels, of each candidate, of the
+    winner's reach): the same masks as on the whole grid, since everything outside is False."""
     from scipy import ndimage  # on use: the import costs ~0.2 s of a cold start
 
-    t1 = np.nan_to_num(np.asarray(t1_map_ms, np.float64))
-    blood_like = (t1 >= split_ms) & (t1 <= limits.blood_like_max_ms)
-    blood_like = ndimage.binary_opening(blood_like, iterations=1)
-    labels, n = ndimage.label(blood_like)
+    from ..exam.resampling import mask_window
+
+    blood_like_all = (t1 >= split_ms) & (t1 <= limits.blood_like_max_ms)
+    box = mask_window(blood_like_all, 2)  # an opening by one pixel reaches at most one pixel out
+    if box is None:
+        return None
+    blood_like = np.zeros(t1.shape, bool)
+    blood_like[box] = ndimage.binary_opening(blood_like_all[box], iterations=1)
+    labels = np.zeros(t1.shape, np.int32)
+    labels[box], n = ndimage.label(blood_like[box])
     if n == 0:
         return None
-    area_px = np.bincount(labels.ravel())
+    area_px = np.bincount(labels[box].ravel())
     px2 = pixel_mm * pixel_mm
-    myo_like = (t1 >= limits.myo_like_min_ms) & (t1 < split_ms)
     r_in = max(1, int(round(limits.ring_mm[0] / pixel_mm)))
     r_out = max(r_in + 1, int(round(limits.ring_mm[1] / pixel_mm)))
-    objects = ndimage.find_objects(labels)
+    objects = ndimage.find_objects(labels[box])
+    r_box, c_box = box[0].start, box[1].start
     best = None  # (score, rows, cols, comp, ring) of the best candidate so far
     for lab in range(1, n + 1):
         a = area_px[lab] * px2
@@ -228,9 +239,9 @@ def _find_lv_at(t1_map_ms: np.ndarray, pixel_mm: float, split_ms: float, limits:
             continue
         sl = objects[lab - 1]
         pad = r_out + 2
-        rows = slice(max(sl[0].start - pad, 0), min(sl[0].stop + pad, t1.shape[0]))
-        cols = slice(max(sl[1].start - pad, 0), min(sl[1].stop + pad, t1.shape[1]))
-        comp = ndimage.binary_fill_holes(labels[rows, cols] == lab)
+        rows = slice(max(r_box + sl[0].start - pad, 0), min(r_box + sl[0].stop + pad, t1.shape[0]))
+        cols = slice(max(c_box + sl[1].start - pad, 0), min(c_box + sl[1].stop + pad, t1.shape[1]))
+        comp = fill_holes(labels[rows, cols] == lab)
         ii, jj = np.nonzero(comp)
         r_max = np.hypot(ii - ii.mean(), jj - jj.mean()).max() + 0.5
         compact = float(comp.sum() / (np.pi * r_max * r_max))
@@ -239,14 +250,15 @@ def _find_lv_at(t1_map_ms: np.ndarray, pixel_mm: float, split_ms: float, limits:
         dist = ndimage.distance_transform_cdt(~comp, metric="taxicab")
         outer, inner = dist <= r_out, dist <= r_in
         shell = outer & ~inner
-        ring = shell & myo_like[rows, cols]
+        t1_crop = t1[rows, cols]
+        ring = shell & (t1_crop >= limits.myo_like_min_ms) & (t1_crop < split_ms)
         ring_frac = float(ring.sum() / max(shell.sum(), 1))
         # myocardium is homogeneous (pixel SD ~40-65 ms); lung and partial-volume rims are not
-        ring_t1 = t1[rows, cols][ring]
+        ring_t1 = t1_crop[ring]
         spread = float(np.subtract(*np.percentile(ring_t1, (75, 25)))) / 1.35 if ring_t1.size >= 8 else np.inf
         homogeneous = 1.0 / (1.0 + (spread / limits.ring_t1_sd_ms) ** 2)
         # and about 0.6-0.7 of the blood T1 (liver around the aorta is ~0.45, lung scatters)
-        ratio = float(np.median(ring_t1) / max(np.median(t1[rows, cols][comp]), 1.0)) if ring_t1.size else 0.0
+        ratio = float(np.median(ring_t1) / max(np.median(t1_crop[comp]), 1.0)) if ring_t1.size else 0.0
         plausible = float(np.exp(-(((ratio - 0.63) / 0.12) ** 2)))
         score = compact * ring_frac * homogeneous * plausible
         if motion is not None:
@@ -266,10 +278,27 @@ def _find_lv_at(t1_map_ms: np.ndarray, pixel_mm: float, split_ms: float, limits:
         blood[rows, cols] = comp
     ring_full = np.zeros(t1.shape, bool)
     ring_full[rows, cols] = ring
-    # the blood pool dilated by 20 mm (city-block, as 20 mm of 4-neighbour dilation steps)
+    # the blood pool dilated by 20 mm (city-block, as 20 mm of 4-neighbour dilation steps),
+    # on the blood's box widened by that reach
     reach = max(1, int(round(20.0 / pixel_mm)))
-    heart = ndimage.distance_transform_cdt(~blood, metric="taxicab") <= reach
+    heart = np.zeros(t1.shape, bool)
+    hbox = mask_window(blood, reach + 1)
+    if hbox is not None:
+        heart[hbox] = ndimage.distance_transform_cdt(~blood[hbox], metric="taxicab") <= reach
     return LVRegions(blood=blood, ring=ring_full, heart=heart, score=score, motion=moving)
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``scipy.ndimage.binary_fill_holes`` of a 2-D mask (4-connected background), by one
+    labelling instead of a dilation to convergence: background components that do not touch
+    the edge are holes."""
+    from scipy import ndimage
+
+    bg, n = ndimage.label(~mask)
+    if n == 0:
+        return mask.copy()
+    edge = np.unique(np.concatenate([bg[0], bg[-1], bg[:, 0], bg[:, -1]]))
+    return mask | ~np.isin(bg, edge)
 
 
 # --------------------------------------------------------------------------------------------
