@@ -33,10 +33,10 @@ def _figure(case, results, path: Path) -> Path:
     from ..evaluation.analysis import heart_mask
     from ..prepare.contract import normalise_psir
     from ..exam.data import Role
-    from ..prepare.slices import build_slices, on_t1_grid
+    from ..prepare.slices import build_slices, lge_on_t1_grid
 
     slices, _ = build_slices(case.images, need_lge=True)
-    lge_by_pos = {tuple(np.round(s.t1_map.geometry.position_mm, 2)): on_t1_grid(s).lge for s in slices}
+    lge_by_pos = {tuple(np.round(s.t1_map.geometry.position_mm, 2)): lge_on_t1_grid(s) for s in slices}
     t1_pos = [tuple(np.round(im.geometry.position_mm, 2)) for im in case.images if im.role == Role.T1_MAP]
     fig, axes = plt.subplots(len(results), 4, figsize=(11, 2.8 * len(results)), squeeze=False)
     for row, r in enumerate(results):

@@ -7,7 +7,7 @@ collector (:func:`vne.evaluation.collect_simulated.collect`):
 2. the model runs through the same pipeline as ``vne infer`` on DICOM
    (:meth:`vne.runtime.pipeline.VNEPipeline.add_images`, study cache off);
 3. the LGE is matched and brought onto each T1 map's grid by the shared matching code
-   (:func:`vne.prepare.slices.build_slices` with ``need_lge=True``, :func:`vne.prepare.slices.on_t1_grid`);
+   (:func:`vne.prepare.slices.build_slices` with ``need_lge=True``, :func:`vne.prepare.slices.lge_on_t1_grid`);
 4. the masks of each T1 map come from the masks folder (:class:`vne.io.masks.MaskStore`; layout
    and formats in :mod:`vne.io.masks` and ``docs/masks.md``), looked up by the T1 map's
    SOPInstanceUID or slice index ``s<k>`` under the exam's folder name, PatientID or
@@ -86,7 +86,7 @@ def collect_dicom(exams_dir, masks_dir, model=None, *, lesion_free_csv=None,
     from ..io.masks import MaskStore, MasksNotFound, read_lesion_free_csv, t1_slice_order
     from ..runtime.config import PipelineConfig
     from ..runtime.pipeline import VNEPipeline
-    from ..prepare.slices import build_slices, on_t1_grid
+    from ..prepare.slices import build_slices, lge_on_t1_grid
 
     exams_dir, masks_dir = Path(exams_dir), Path(masks_dir)
     store = MaskStore(masks_dir, names, threshold)
@@ -135,7 +135,7 @@ def collect_dicom(exams_dir, masks_dir, model=None, *, lesion_free_csv=None,
                 n_skipped += 1
                 continue
             try:
-                lge = on_t1_grid(s).lge
+                lge = lge_on_t1_grid(s)
             except InputError as exc:
                 log.warning("%s: skipped: %s", label, exc)
                 n_skipped += 1

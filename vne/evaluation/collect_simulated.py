@@ -18,7 +18,7 @@ from ..exam.data import Role
 from ..io.mrd.hdf5 import read_mrd_file
 from ..io.mrd.header import parse_header, study_key
 from ..io.mrd.image import from_mrd
-from ..prepare.slices import build_slices, on_t1_grid
+from ..prepare.slices import build_slices, lge_on_t1_grid
 from .analysis import SliceResult
 
 
@@ -72,7 +72,7 @@ def collect(exams: Path, model: Path | None, max_cases: int | None = None, desc:
         key = study_key(parse_header(header))
         images = [from_mrd(m, key) for m in raw]
         slices, _ = build_slices(images, need_lge=True)
-        lge_by_pos = {tuple(np.round(s.t1_map.geometry.position_mm, 2)): on_t1_grid(s).lge for s in slices}
+        lge_by_pos = {tuple(np.round(s.t1_map.geometry.position_mm, 2)): lge_on_t1_grid(s) for s in slices}
         index_of = slice_index_by_position(raw)
         truth = np.load(exams / "truth" / f"{c['case_id']}.npz")
         for r in vne_results:

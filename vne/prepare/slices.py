@@ -234,6 +234,14 @@ def _phase_on(images: list[MRImage], target: Geometry) -> np.ndarray:
     return np.arctan2(_stack_on(sin, target)[0], _stack_on(cos, target)[0]).astype(np.float32)
 
 
+def lge_on_t1_grid(s: SliceSet) -> np.ndarray | None:
+    """The slice's LGE resampled onto its T1 grid, (H, W) float32, or None without an LGE: what
+    the evaluation and the demo need of a slice beside the VNE that the gadget made."""
+    if s.lge is None or s.t1_map is None:
+        return None
+    return _stack_on([s.lge], s.t1_map.geometry)[0][0]
+
+
 def on_t1_grid(s: SliceSet) -> SliceOnGrid:
     """Resample one matched slice onto its T1 grid and restore the IR sign.
 
@@ -262,7 +270,7 @@ def on_t1_grid(s: SliceSet) -> SliceOnGrid:
         raise InputError(f"{s.key}: the cine field of view does not overlap the T1 map")
     trig = np.array([im.trigger_time_ms for im in s.cine_frames], np.float32)
     rr = next((im.rr_interval_ms for im in s.cine_frames if im.rr_interval_ms), None)
-    lge = _stack_on([s.lge], target)[0][0] if s.lge is not None else None
+    lge = lge_on_t1_grid(s)
     for name, arr in (("IR images", ir_signed), ("cine frames", cine)):
         if not np.all(np.isfinite(arr)):
             raise InputError(f"{s.key}: {name} contain NaN or inf")
