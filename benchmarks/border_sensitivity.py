@@ -13,7 +13,10 @@ window), then the model runs on
 * ``cine frame 0``: every phase replaced by the first (end-diastole, as triggered);
 * ``cine 1 px``: the cine shifted by one pixel (rows);
 * ``cine blur`` / ``IR blur`` / ``T1 blur``: a 1-pixel Gaussian on that input;
-* ``T1 sharpen``: the T1 map plus (T1 map - its 1-pixel Gaussian).
+* ``T1 sharpen``: the T1 map plus (T1 map - its 1-pixel Gaussian);
+* ``rotation average x2`` / ``x4``: the model on the inputs rotated by 0 and 180 degrees (or 0,
+  90, 180, 270), each output rotated back, averaged (test-time augmentation: it removes the part
+  of the border's wander that is the model's variance, not its bias).
 
 Printed per perturbation, with the judge's masks and FWHM rule (``score_exams.FRACS``), in
 blood = 1, remote = 0 units: the FWHM pixels in the inner (cavity-side) and outer rings (% of the
@@ -60,6 +63,21 @@ PERTURBATIONS = {
     "T1 blur": lambda x: {**x, "t1_map_ms": ndimage.gaussian_filter(x["t1_map_ms"], (0, 0, 1, 1))},
     "T1 sharpen": lambda x: {**x, "t1_map_ms": 2 * x["t1_map_ms"] - ndimage.gaussian_filter(x["t1_map_ms"], (0, 0, 1, 1))},
 }
+
+
+SPATIAL_INPUTS = ("t1_map_ms", "ir", "cine")  # (B, C, H, W) model inputs; the TIs are not images
+ROTATION_AVERAGES = {"rotation average x2": (0, 2), "rotation average x4": (0, 1, 2, 3)}
+
+
+def rotation_average(model, x: dict, quarter_turns) -> np.ndarray:
+    """The model's output averaged over inputs rotated by ``quarter_turns`` x 90 degrees (each
+    output rotated back); (H, W) on the inputs' window."""
+    outs = []
+    for k in quarter_turns:
+        xr = {key: np.ascontiguousarray(np.rot90(v, k, axes=(-2, -1))) if key in SPATIAL_INPUTS else v
+              for key, v in x.items()}
+        outs.append(np.rot90(model.predict_many([xr])[0], -k, axes=(-2, -1)))
+    return np.mean(outs, axis=0)
 
 
 def border_profile(img: np.ndarray, myo: np.ndarray, blood: np.ndarray, remote: np.ndarray) -> tuple[float, float, float]:
@@ -123,15 +141,16 @@ def main() -> int:
 
     model = load_model(a.model, prefer_gpu=False)
     fraction = score_exams.FRACS["FWHM"]
-    rows: dict[str, list] = {k: [] for k in ("T1 map", "clean LGE", *PERTURBATIONS)}
+    rows: dict[str, list] = {k: [] for k in ("T1 map", "clean LGE", *PERTURBATIONS, *ROTATION_AVERAGES)}
     n_myo, n_slices = 0, 0
     for p, (myo, blood, remote, lge) in (external_slices if a.external else own_slices)(root, model):
         n_slices += 1
         n_myo += int(myo.sum())
         for name, img in (("T1 map", p.t1_map_ms), ("clean LGE", lge)):
             rows[name].append((np.zeros(3), border_profile(img, myo, blood, remote)))
-        for name, perturb in PERTURBATIONS.items():
-            y = model.predict_many([perturb(p.x)])[0]
+        outputs = {name: model.predict_many([perturb(p.x)])[0] for name, perturb in PERTURBATIONS.items()}
+        outputs.update({name: rotation_average(model, p.x, turns) for name, turns in ROTATION_AVERAGES.items()})
+        for name, y in outputs.items():
             vne = y if p.full_grid else roi.paste(y, p.window, p.shape)
             counts, _ = split_slice(vne, myo, blood, remote, fraction)
             rows[name].append((counts, border_profile(vne, myo, blood, remote)))
