@@ -175,3 +175,23 @@ def test_a_loaded_model_leaves_numpy_blas_on_one_thread():
     before, after = (json.loads(x) for x in out.strip().splitlines()[-2:])
     assert after and all(n == 1 for n in after), out
     assert before and max(before) > 1, f"the test cannot tell: BLAS already ran on one thread ({out})"
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "setpriority"), reason="per-thread priority is Linux's")
+def test_workers_run_at_the_priority_they_were_given():
+    """``vne serve --vne-worker-nice N``: the worker threads (only they) run N nice levels lower."""
+    import os
+
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    seen = []
+    done = threading.Event()
+    pool = SliceWorkers(workers=1, nice=5, name="nice-test")
+
+    def job():
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        done.set()
+
+    pool.submit(job, lambda reason: None)
+    assert done.wait(30)
+    assert seen == [min(base + 5, 19)]
+    assert os.getpriority(os.PRIO_PROCESS, 0) == base  # the calling thread (the streams') is untouched

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_QUEUED = 48
 DEFAULT_MAX_WAIT_S = 20.0
+DEFAULT_WORKER_NICE = 0   # added to a worker thread's nice value (Linux: per thread); see SliceWorkers
 
 
 def default_workers() -> int:
@@ -55,8 +56,10 @@ class SliceWorkers:
     """A fixed set of worker threads over a bounded queue of slice jobs (module docstring)."""
 
     def __init__(self, workers: int | None = None, max_queued: int = DEFAULT_MAX_QUEUED,
-                 max_wait_s: float = DEFAULT_MAX_WAIT_S, name: str = "vne-worker") -> None:
+                 max_wait_s: float = DEFAULT_MAX_WAIT_S, name: str = "vne-worker",
+                 nice: int = DEFAULT_WORKER_NICE) -> None:
         self.n_workers = max(1, int(workers or default_workers()))
+        self.nice = int(nice)  # > 0: the workers yield the cores to the streams' pass-through threads
         self.max_queued = max(1, int(max_queued))
         self.max_wait_s = float(max_wait_s)
         self.stats = PoolStats()
@@ -91,6 +94,11 @@ class SliceWorkers:
         return True
 
     def _loop(self) -> None:
+        if self.nice:
+            try:  # Linux schedules threads as tasks: this lowers this thread only
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + self.nice)
+            except (AttributeError, OSError) as exc:
+                log.warning("VNE worker: could not lower its priority by %d (%s)", self.nice, exc)
         while True:
             run, skip, t_in = self._q.get()
             try:
@@ -129,11 +137,11 @@ def shared_workers() -> SliceWorkers:
 
 
 def configure(workers: int | None = None, max_queued: int = DEFAULT_MAX_QUEUED,
-              max_wait_s: float = DEFAULT_MAX_WAIT_S) -> SliceWorkers:
+              max_wait_s: float = DEFAULT_MAX_WAIT_S, nice: int = DEFAULT_WORKER_NICE) -> SliceWorkers:
     """Set up the process-wide pool (``vne serve`` at start, before any connection)."""
     global _shared
     with _shared_lock:
-        _shared = SliceWorkers(workers, max_queued, max_wait_s)
+        _shared = SliceWorkers(workers, max_queued, max_wait_s, nice=nice)
         return _shared
 
 
