@@ -103,9 +103,6 @@ def add_arguments(p) -> None:
     p.add_argument("--vne-queue", type=int, default=vne_workers.DEFAULT_MAX_QUEUED,
                    help=f"slices that may wait for a VNE worker (default {vne_workers.DEFAULT_MAX_QUEUED}); "
                         f"one more gets no VNE (logged), its images pass through")
-    p.add_argument("--vne-worker-nice", type=int, default=vne_workers.DEFAULT_WORKER_NICE, metavar="N",
-                   help="lower the VNE worker threads' priority by N (Linux), so that the connections' "
-                        f"pass-through keeps the cores under load (default {vne_workers.DEFAULT_WORKER_NICE})")
     p.add_argument("--vne-max-wait", type=float, default=vne_workers.DEFAULT_MAX_WAIT_S,
                    help=f"seconds a slice may wait for a worker before its VNE is skipped (default "
                         f"{vne_workers.DEFAULT_MAX_WAIT_S:g})")
@@ -232,8 +229,7 @@ def run(args) -> int:
     max_wait = getattr(args, "vne_max_wait", vne_workers.DEFAULT_MAX_WAIT_S)
     if (n_workers is not None and n_workers < 1) or queue_len < 1 or not max_wait > 0:
         raise InputError("--vne-workers, --vne-queue and --vne-max-wait must be positive")
-    pool = vne_workers.configure(n_workers, queue_len, max_wait,
-                                 nice=getattr(args, "vne_worker_nice", vne_workers.DEFAULT_WORKER_NICE))
+    pool = vne_workers.configure(n_workers, queue_len, max_wait)
     memory.limit_arenas()
     from ..runtime.inference import preload
 

@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_QUEUED = 48
 DEFAULT_MAX_WAIT_S = 20.0
-DEFAULT_WORKER_NICE = 0   # added to a worker thread's nice value (Linux: per thread); see SliceWorkers
 
 
 def default_workers() -> int:
@@ -56,10 +55,8 @@ class SliceWorkers:
     """A fixed set of worker threads over a bounded queue of slice jobs (module docstring)."""
 
     def __init__(self, workers: int | None = None, max_queued: int = DEFAULT_MAX_QUEUED,
-                 max_wait_s: float = DEFAULT_MAX_WAIT_S, name: str = "vne-worker",
-                 nice: int = DEFAULT_WORKER_NICE) -> None:
+                 max_wait_s: float = DEFAULT_MAX_WAIT_S, name: str = "vne-worker") -> None:
         self.n_workers = max(1, int(workers or default_workers()))
-        self.nice = int(nice)  # > 0: the workers yield the cores to the streams' pass-through threads
         self.max_queued = max(1, int(max_queued))
         self.max_wait_s = float(max_wait_s)
         self.stats = PoolStats()
@@ -94,11 +91,6 @@ class SliceWorkers:
         return True
 
     def _loop(self) -> None:
-        if self.nice:
-            try:  # Linux schedules threads as tasks: this lowers this thread only
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + self.nice)
-            except (AttributeError, OSError) as exc:
-                log.warning("VNE worker: could not lower its priority by %d (%s)", self.nice, exc)
         while True:
             run, skip, t_in = self._q.get()
             try:
@@ -117,6 +109,7 @@ class SliceWorkers:
                 with self._lock:
                     self.stats.failed += 1
             finally:
+                run = skip = None  # the job's closure holds its stream's pipeline: let it go now
                 self._q.task_done()
 
     def queued(self) -> int:
@@ -137,11 +130,11 @@ def shared_workers() -> SliceWorkers:
 
 
 def configure(workers: int | None = None, max_queued: int = DEFAULT_MAX_QUEUED,
-              max_wait_s: float = DEFAULT_MAX_WAIT_S, nice: int = DEFAULT_WORKER_NICE) -> SliceWorkers:
+              max_wait_s: float = DEFAULT_MAX_WAIT_S) -> SliceWorkers:
     """Set up the process-wide pool (``vne serve`` at start, before any connection)."""
     global _shared
     with _shared_lock:
-        _shared = SliceWorkers(workers, max_queued, max_wait_s, nice=nice)
+        _shared = SliceWorkers(workers, max_queued, max_wait_s)
         return _shared
 
 
