@@ -17,7 +17,7 @@ Per provider, one slice (batch 1) at the heart window's size (160x160) and at th
 
 The target of issue 12 is under 5 ms per slice on the GPU; record the figure in models/README.md.
 
-    python benchmarks/bench_gpu.py [--model models/vne-sim-0.5.0.onnx] [--runs 50]
+    python benchmarks/bench_gpu.py [--model models/vne-sim-0.6.0.onnx] [--runs 50]
 """
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ options the runtime uses (:func:`vne.runtime.model.session_options`) and the alt
 over, at the heart window's size (160x160) and at the padded full T1 grid (256x304 by default),
 the variants timed alternately so that each sees the same machine load:
 
-    python benchmarks/bench_inference.py --onnx models/vne-sim-0.5.0.onnx --runs 15
+    python benchmarks/bench_inference.py --onnx models/vne-sim-0.6.0.onnx --runs 15
 
 Latency on a shared machine is noisy: compare rows of one run, and repeat.
 """

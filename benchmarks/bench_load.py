@@ -20,7 +20,7 @@ Printed per level (one table, all levels measured in this run):
 Loops are bounded (levels x rounds x streams), every socket has a timeout, and the server is
 stopped at the end (SIGTERM, then kill).
 
-    python benchmarks/bench_load.py --model models/vne-sim-0.5.0.onnx --streams 1 5 10 20 50 --rounds 3
+    python benchmarks/bench_load.py --model models/vne-sim-0.6.0.onnx --streams 1 5 10 20 50 --rounds 3
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ README.md``). For each exam folder ``CASES/NAME/`` (``dicom/`` + ``truth.npz``) 
    VNE's QC verdict, and the Nyquist (2-pixel) texture energy inside the heart,
 4. writes ``OUT/NAME.png``: T1 map | VNE | artefact-free LGE, with the true lesions outlined.
 
-  python benchmarks/external_exams.py --model models/vne-sim-0.5.0.onnx --out runs/external
+  python benchmarks/external_exams.py --model models/vne-sim-0.6.0.onnx --out runs/external
 """
 from __future__ import annotations
 

@@ -27,7 +27,7 @@ Three measurements, each printed as a table:
    magnitudes, ``vne.simulate.writers.as_delivered``): the largest relative IR difference inside
    the heart and the number of heart pixels whose restored sign differs.
 
-  python benchmarks/failure_modes.py --model models/vne-sim-0.2.0.onnx [--model models/vne-sim-0.5.0.onnx]
+  python benchmarks/failure_modes.py --model models/vne-sim-0.2.0.onnx [--model models/vne-sim-0.6.0.onnx]
 """
 from __future__ import annotations
 

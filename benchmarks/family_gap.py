@@ -11,7 +11,7 @@ r(A) − r(B) at FWHM (issue 14's target: < 0.05).
 counts partial-volume border pixels: a model that blurs the blood/myocardium border reads
 lesion-free patients as positive there and not with the default 1-pixel margin.
 
-  python benchmarks/family_gap.py --model models/vne-sim-0.5.0.onnx \\
+  python benchmarks/family_gap.py --model models/vne-sim-0.6.0.onnx \\
       --a /work/data/test-A23-s2000 --b /work/data/test-B23-s3000 --out runs/family-gap
 """
 from __future__ import annotations

@@ -16,7 +16,7 @@ gadget's own inputs (ISMRMRD file -> matching -> :func:`vne.runtime.inference.pr
 The generator scales its cine and IR inputs by one intensity statistic per image (inside the
 ONNX graph), which the window changes, so the two are close rather than equal.
 
-    python benchmarks/fov_sensitivity.py --exams /work/data/test-A23-s2000 --model models/vne-sim-0.5.0.onnx
+    python benchmarks/fov_sensitivity.py --exams /work/data/test-A23-s2000 --model models/vne-sim-0.6.0.onnx
 """
 from __future__ import annotations
 
