@@ -173,8 +173,9 @@ def test_a_loaded_model_leaves_numpy_blas_on_one_thread():
             "print(before); print(after)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout
     before, after = (json.loads(x) for x in out.strip().splitlines()[-2:])
+    if not before or max(before) == 1:
+        pytest.skip(f"BLAS already runs on one thread here (OPENBLAS_NUM_THREADS?): the test cannot tell ({out})")
     assert after and all(n == 1 for n in after), out
-    assert before and max(before) > 1, f"the test cannot tell: BLAS already ran on one thread ({out})"
 
 
 @pytest.mark.parametrize("pooled", [False, True])

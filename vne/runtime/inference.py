@@ -24,7 +24,8 @@ into a full T1-grid image (:func:`vne.prepare.roi.paste`). Each step's time is k
 :func:`guarded_vne` is the whole chain as the pipeline runs it: prepare, the guard on the inputs,
 the model, the guard on the output, and the ``qc`` action (withhold or mark) on its verdict.
 
-:func:`vne.prepare.slices.on_t1_grid` remains the full-grid path for training caches and evaluation.
+:func:`vne.prepare.slices.on_t1_grid` remains the full-grid path for the training caches (evaluation
+resamples only the LGE beside the gadget's VNE: :func:`vne.prepare.slices.lge_on_t1_grid`).
 """
 from __future__ import annotations
 
