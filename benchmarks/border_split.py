@@ -43,13 +43,20 @@ def reference_levels(img: np.ndarray, blood: np.ndarray, remote: np.ndarray) -> 
     return float(img[blood & (d >= np.median(d[blood]))].mean()), float(img[remote].mean())
 
 
+def lesion_mask(img: np.ndarray, myo: np.ndarray, levels: tuple[float, float], fraction: float) -> np.ndarray:
+    """(H, W) bool: the judge's lesion pixels of one slice, myocardium above remote + ``fraction``
+    of the remote-to-blood range; ``levels`` = (blood, remote), :func:`reference_levels`."""
+    hi, lo = levels
+    return myo & (img > lo + fraction * (hi - lo))
+
+
 def split_slice(img: np.ndarray, myo: np.ndarray, blood: np.ndarray, remote: np.ndarray,
                 fraction: float) -> tuple[np.ndarray, float]:
     """(inner, outer, interior) lesion pixel counts of one slice at ``fraction`` of the
     remote-to-blood range (the judge's rule), and the ring outside the myocardium in blood
     units. All (H, W) on the T1 grid; masks boolean."""
     hi, lo = reference_levels(img, blood, remote)
-    lesion = myo & (img > lo + fraction * (hi - lo))
+    lesion = lesion_mask(img, myo, (hi, lo), fraction)
     filled = ndimage.binary_fill_holes(myo)
     inner = myo & ndimage.binary_dilation(filled & ~myo)
     outer = myo & ndimage.binary_dilation(~filled) & ~inner

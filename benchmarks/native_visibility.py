@@ -39,7 +39,7 @@ import numpy as np
 from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from border_split import reference_levels  # noqa: E402  (the judge's blood and remote levels)
+from border_split import lesion_mask, reference_levels  # noqa: E402  (the judge's lesion rule)
 
 FWHM = 0.5
 
@@ -51,8 +51,7 @@ def lesion_z(truth: dict) -> np.ndarray:
     out = []
     for lge, t1, myo, blood, remote in zip(truth["lge_clean"], truth["t1_scanner"].astype(float),
                                            truth["myo"], truth["blood"], truth["remote"]):
-        hi, lo = reference_levels(lge, blood, remote)
-        lesion = myo & (lge > lo + FWHM * (hi - lo))
+        lesion = lesion_mask(lge, myo, reference_levels(lge, blood, remote), FWHM)
         sd = t1[remote].std()
         if lesion.any() and sd > 0:
             out.append((t1[lesion] - t1[remote].mean()) / sd)
@@ -63,8 +62,7 @@ def fwhm_burden(images: np.ndarray, truth: dict) -> float:
     """The judge's FWHM burden (% of the myocardium) of (S, H, W) images on the T1 grid."""
     n = 0
     for img, myo, blood, remote in zip(images, truth["myo"], truth["blood"], truth["remote"]):
-        hi, lo = reference_levels(img, blood, remote)
-        n += int((myo & (img > lo + FWHM * (hi - lo))).sum())
+        n += int(lesion_mask(img, myo, reference_levels(img, blood, remote), FWHM).sum())
     return 100.0 * n / max(int(truth["myo"].sum()), 1)
 
 

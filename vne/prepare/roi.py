@@ -168,9 +168,8 @@ def model_window(heart: np.ndarray | None, shape: tuple[int, int], multiple: int
 def contains(window: Window, mask: np.ndarray, margin: int = 0) -> bool:
     """Whether every pixel of ``mask`` lies inside ``window``, ``margin`` pixels from its edges
     (edges that are the grid's own count as far away)."""
-    rows = np.flatnonzero(np.any(mask, axis=1))
-    cols = np.flatnonzero(np.any(mask, axis=0))
-    if not rows.size:
+    box = mask_window(mask)
+    if box is None:
         return True
     ny, nx = mask.shape
     r, c = window
@@ -178,7 +177,7 @@ def contains(window: Window, mask: np.ndarray, margin: int = 0) -> bool:
     hi_r = r.stop - (margin if r.stop < ny else 0)
     lo_c = c.start + (margin if c.start > 0 else 0)
     hi_c = c.stop - (margin if c.stop < nx else 0)
-    return lo_r <= rows[0] and rows[-1] < hi_r and lo_c <= cols[0] and cols[-1] < hi_c
+    return lo_r <= box[0].start and box[0].stop <= hi_r and lo_c <= box[1].start and box[1].stop <= hi_c
 
 
 def paste(values: np.ndarray, window: Window, shape: tuple[int, int],

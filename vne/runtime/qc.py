@@ -49,6 +49,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..exam.resampling import mask_window
+
 QC_ACTIONS = ("withhold", "mark", "off")
 DEFAULT_QC_ACTION = "withhold"
 
@@ -214,8 +216,6 @@ def _find_lv_at(t1: np.ndarray, pixel_mm: float, split_ms: float, limits: QCLimi
     winner's reach): the same masks as on the whole grid, since everything outside is False."""
     from scipy import ndimage  # on use: the import costs ~0.2 s of a cold start
 
-    from ..exam.resampling import mask_window
-
     blood_like_all = (t1 >= split_ms) & (t1 <= limits.blood_like_max_ms)
     box = mask_window(blood_like_all, 2)  # an opening by one pixel reaches at most one pixel out
     if box is None:
@@ -377,8 +377,9 @@ def ir_t1_correlation(ir: np.ndarray, t1_map_ms: np.ndarray, mask: np.ndarray) -
         return float("nan")
     # only the mask's bounding box and the filter's reach around it (4 sigma + 1): the same
     # values inside the mask as on the whole image, at a fraction of the cost
-    rows, cols = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
-    box = (slice(max(int(rows[0]) - 5, 0), int(rows[-1]) + 6), slice(max(int(cols[0]) - 5, 0), int(cols[-1]) + 6))
+    box = mask_window(m, 5)
+    if box is None:
+        return float("nan")
     m = m[box]
     t1 = np.asarray(t1_map_ms, np.float64)[box]
     e_t1 = ndimage.gaussian_gradient_magnitude(t1, 1.0)[m]
