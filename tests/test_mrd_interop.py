@@ -411,6 +411,27 @@ def test_trigger_and_ti_parsing_helpers():
     assert inversion_time_from_meta({"ImageComments": None, "InversionTime": "0.0"}) is None
 
 
+
+def test_meta_is_read_as_its_xml_would_be_read_back():
+    """meta_dict takes the image's ismrmrd.Meta without writing and parsing its XML; the values
+    must be exactly those of the XML round trip (numbers as text, a one-item list as its item,
+    an empty string as None), for in-process images and for images decoded from bytes."""
+    import io
+
+    from vne.io.framing import decode_image, pack_image, read_frame
+    from vne.io.mrd.image import meta_dict
+
+    im = ismrmrd.Image.from_array(np.zeros((4, 4), np.uint16))
+    for k, v in {"InversionTime": 105.5, "ImageType": ["ORIGINAL", "PRIMARY", "M"], "One": ["x"], "Empty": "",
+                 "EmptyItems": ["", "y"], "Int": 3, "Nested": [[1, 2], "z"], "None": [], "Text": "ShMOLLI T1 map"}.items():
+        im.meta[k] = v
+    back = ismrmrd.Meta.deserialize(im.attribute_string)
+    expected = {k: back[k] for k in back.keys()}
+    assert meta_dict(im) == expected
+    assert expected["InversionTime"] == "105.5" and expected["One"] == "x" and expected["Empty"] is None
+    decoded = decode_image(read_frame(io.BytesIO(pack_image(im))))
+    assert meta_dict(decoded) == expected
+
 # ------------------------------------------------------------------------------ position = first pixel
 def _with_positions_as_first_pixels(images):
     from vne.exam.geometry import first_pixel_from_centre

@@ -106,8 +106,26 @@ def geometry_of(mrd: ismrmrd.Image, slice_thickness_mm: float | None = None) -> 
     )
 
 
+def _as_on_the_wire(value):
+    """A meta value as ``ismrmrd.Meta`` reads it back from its XML: a string (None for an
+    empty one), or a list of those for other than one value."""
+    def text(v):
+        return None if v is None else (str(v) or None)
+
+    if type(value) is list:
+        items = [text(v) for v in value]
+        return items[0] if len(items) == 1 else items
+    return text(value)
+
+
 def meta_dict(mrd: ismrmrd.Image) -> dict:
-    """The image's XML meta as a dict of strings / lists of strings (empty if absent or bad)."""
+    """The image's meta as a dict of strings / lists of strings (empty if absent or bad).
+
+    The values are those of the meta's XML read back, but taken from the image's
+    ``ismrmrd.Meta`` without writing and parsing that XML again (~0.2 ms an image)."""
+    meta = getattr(mrd, "meta", None)
+    if isinstance(meta, dict):
+        return {str(k): _as_on_the_wire(v) for k, v in meta.items()}
     text = mrd.attribute_string
     if not text:
         return {}
