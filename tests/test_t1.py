@@ -142,6 +142,9 @@ def test_phase_gives_the_sign_and_grey_zone_is_searched():
     assert s[:, 0].tolist() == [-1, 0, 0, 1, 1]
     # phase relative to the longest TI: a global phase offset changes nothing
     assert phase_signs(ph + 2.0, ti)[:, 0].tolist() == [-1, 0, 0, 1, 1]
+    # phases stored in [0, 2 pi) and differences across +-pi are wrapped: 3.0 and -3.0 rad are 0.28 apart
+    assert phase_signs(np.mod(ph + 2.0, 2 * np.pi), ti)[:, 0].tolist() == [-1, 0, 0, 1, 1]
+    assert phase_signs(np.array([[0.0], [-3.0], [3.0]]), [100.0, 200.0, 900.0])[:, 0].tolist() == [-1, 1, 1]
 
 
 def test_phase_beats_an_ambiguous_magnitude_fit():

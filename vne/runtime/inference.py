@@ -146,7 +146,9 @@ def prepare(contract: ModelContract, s: SliceSet, *, limits=None, pad_multiple: 
     if s.ir_phase:
         pmap = grid_map(s.ir_phase[0].geometry, target)
         ph = stack_pixels(s.ir_phase, "IR phase images")
-        phase_w = np.arctan2(pmap.apply(np.sin(ph), window), pmap.apply(np.cos(ph), window)).astype(np.float32)
+        # phase is resampled as its sine and cosine (no wrap-around blending); on the same grid it is cut
+        phase_w = pmap.apply(ph, window) if pmap.identity else \
+            np.arctan2(pmap.apply(np.sin(ph), window), pmap.apply(np.cos(ph), window)).astype(np.float32)
         # the threshold of the whole resampled images; resampling is linear and the IR images are
         # magnitudes, so it is the threshold of the resampled pixel-mean image: one image, not n
         threshold = background_threshold(ir_raw) if imap.identity else \
