@@ -10,7 +10,9 @@ Printed per level (one table, all levels measured in this run):
 
 * wall time of a round (median over rounds);
 * pass-through latency: an input image written -> the same image read back (median, 95th
-  percentile, over every image of every stream);
+  percentile, over every image of every stream), and the same for a second ``vne serve`` with VNE
+  off (``enabled=false``), its rounds interleaved with the first's: the ratio is what VNE costs
+  the pass-through at that load (``--no-baseline`` skips it);
 * VNE latency: the last input a slice needs written -> its VNE image read back (median, max);
 * VNE made / expected, VNE skipped (slices with no VNE; the server logs why, e.g. "server
   overloaded"), images lost (inputs not read back byte for byte: must be 0);
@@ -211,6 +213,8 @@ class Server:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(10)
+        self._drain.join(5)
+        self.proc.stdout.close()
 
 
 class Sampler:
@@ -232,6 +236,19 @@ class Sampler:
         return self.peak
 
 
+def run_round(port: int, exam: Exam, n: int, pace_s: float, timeout_s: float) -> tuple[float, list[StreamResult]]:
+    """``n`` concurrent streams of ``exam`` against one server: (wall time in s, each stream's result)."""
+    out: list[StreamResult] = [StreamResult() for _ in range(n)]
+    threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, run_stream(port, exam, pace_s, timeout_s)),
+                                daemon=True) for i in range(n)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout_s + 60)
+    return time.perf_counter() - t0, out
+
+
 def pct(xs, q):
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))] if xs else float("nan")
@@ -247,6 +264,8 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=300.0, help="socket timeout per stream (s)")
     ap.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
                     help="extra `vne serve` argument, e.g. --serve-arg=--vne-workers=1 (repeatable)")
+    ap.add_argument("--no-baseline", action="store_true",
+                    help="skip the reference server with VNE off (its pass-through latency, rounds interleaved)")
     args = ap.parse_args(argv)
     if args.model is None:
         from vne.runtime.model import find_default_model
@@ -261,10 +280,17 @@ def main(argv=None) -> int:
         args.exam = next((tmp / "sim" / "mrd").glob("*.h5"))
     exam = load_exam(args.exam)
     top = max(args.streams)
-    server = Server(["--model", str(args.model), "--cache-dir", "none", "--max-active", str(top + 2),
-                     "--read-timeout", str(args.timeout)] + args.serve_arg)
+    common = ["--model", str(args.model), "--cache-dir", "none", "--max-active", str(top + 2),
+              "--read-timeout", str(args.timeout)] + args.serve_arg
+    server = Server(common)
+    # the reference: the same server with VNE off, so the pass-through cost of VNE is a ratio of one run
+    baseline = None if args.no_baseline else Server(common + ["--property", "enabled=false"])
     print(f"exam {args.exam.name}: {len(exam.images)} images, {exam.n_slices} slices; {os.cpu_count()} CPUs; "
-          f"pace {args.pace_ms:g} ms; server: {server.banner}")
+          f"pace {args.pace_ms:g} ms; server: {server.banner}"
+          + ("" if baseline is None else "; reference: a second server with VNE off, rounds interleaved"))
+    for s in (server, baseline):  # one stream each first, unmeasured: both servers warm
+        if s is not None:
+            run_round(s.port, exam, 1, 0.0, args.timeout)
     time.sleep(1.0)
     rss_fresh = rss_mb(server.proc.pid)
     rows = []
@@ -272,20 +298,15 @@ def main(argv=None) -> int:
         for n in args.streams:
             before = rss_mb(server.proc.pid)
             sampler = Sampler(server.proc.pid)
-            walls, results = [], []
+            walls, results, pt_off = [], [], []
             skipped_logged0 = server.count(r"server overloaded")
             for _ in range(args.rounds):
-                out: list[StreamResult] = [StreamResult() for _ in range(n)]
-                threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, run_stream(server.port, exam, args.pace_ms / 1000,
-                                                                                                  args.timeout)), daemon=True)
-                           for i in range(n)]
-                t0 = time.perf_counter()
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    t.join(args.timeout + 60)
-                walls.append(time.perf_counter() - t0)
+                wall, out = run_round(server.port, exam, n, args.pace_ms / 1000, args.timeout)
+                walls.append(wall)
                 results.extend(out)
+                if baseline is not None:
+                    pt_off.extend(x for r in run_round(baseline.port, exam, n, args.pace_ms / 1000, args.timeout)[1]
+                                  for x in r.passthrough_ms)
             time.sleep(1.0)
             after = rss_mb(server.proc.pid)
             peak = sampler.stop()
@@ -297,6 +318,7 @@ def main(argv=None) -> int:
             rows.append({
                 "streams": n, "rounds": args.rounds, "wall": statistics.median(walls),
                 "pt_med": statistics.median(pt) if pt else float("nan"), "pt_p95": pct(pt, 95),
+                "pt_off": statistics.median(pt_off) if pt_off else float("nan"),
                 "vne_med": statistics.median(vl) if vl else float("nan"), "vne_max": max(vl) if vl else float("nan"),
                 "made": made, "expected": expected, "skipped": expected - made,
                 "skipped_logged": server.count(r"server overloaded") - skipped_logged0,
@@ -304,24 +326,29 @@ def main(argv=None) -> int:
                 "errors": errors[:3],
             })
             r = rows[-1]
-            print(f"  {n} streams x {args.rounds} rounds: wall {r['wall']:.1f} s, pass-through {r['pt_med']:.0f} ms, "
-                  f"VNE {r['vne_med']:.0f} ms, {made}/{expected} VNE, lost {r['lost']}, RSS {before:.0f}/{peak:.0f}/{after:.0f} MB"
-                  + (f", errors: {errors[:2]}" if errors else ""), flush=True)
+            print(f"  {n} streams x {args.rounds} rounds: wall {r['wall']:.1f} s, pass-through {r['pt_med']:.0f} ms "
+                  f"(VNE off {r['pt_off']:.0f} ms), VNE {r['vne_med']:.0f} ms, {made}/{expected} VNE, lost {r['lost']}, "
+                  f"RSS {before:.0f}/{peak:.0f}/{after:.0f} MB" + (f", errors: {errors[:2]}" if errors else ""), flush=True)
     finally:
         server.stop()
+        if baseline is not None:
+            baseline.stop()
         log_path = tmp / "serve.log"
         log_path.write_text("".join(server.lines))
     print()
     print(f"server log: {log_path} ({server.count(' ERROR ')} ERROR lines, {server.count('server overloaded')} "
           f"'server overloaded')")
-    print(f"server RSS fresh (model loaded, warm): {rss_fresh:.0f} MB; server peak over the run (VmHWM) not sampled "
+    print(f"server RSS fresh (model loaded, one stream served): {rss_fresh:.0f} MB; server peak over the run (VmHWM) not sampled "
           f"after exit; {server.count('Traceback')} tracebacks in its log")
-    print("| concurrent streams | rounds | wall time per round | pass-through latency, median (p95) | VNE latency, median (max) "
+    print("| concurrent streams | rounds | wall time per round | pass-through latency, median (p95) "
+          "| pass-through with VNE off, median (ratio) | VNE latency, median (max) "
           "| VNE made / expected | VNE skipped (logged) | images lost | server RSS before / peak / after |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
+        ratio = r["pt_med"] / r["pt_off"] if r["pt_off"] > 0 else float("nan")
         print(f"| {r['streams']} | {r['rounds']} | {r['wall']:.1f} s | {r['pt_med']:.0f} ms ({r['pt_p95']:.0f}) "
-              f"| {r['vne_med']:.0f} ms ({r['vne_max']:.0f}) | {r['made']} / {r['expected']} | {r['skipped']} ({r['skipped_logged']}) "
+              f"| {r['pt_off']:.0f} ms ({ratio:.2f}x) | {r['vne_med']:.0f} ms ({r['vne_max']:.0f}) "
+              f"| {r['made']} / {r['expected']} | {r['skipped']} ({r['skipped_logged']}) "
               f"| {r['lost']} | {r['before']:.0f} / {r['peak']:.0f} / {r['after']:.0f} MB |")
     print("pass-through: input written -> the same bytes read back; VNE: last needed input of a slice written -> its "
           "VNE read back; RSS after: 1 s after the level's last stream")
