@@ -411,7 +411,6 @@ def test_trigger_and_ti_parsing_helpers():
     assert inversion_time_from_meta({"ImageComments": None, "InversionTime": "0.0"}) is None
 
 
-
 def test_meta_is_read_as_its_xml_would_be_read_back():
     """meta_dict takes the image's ismrmrd.Meta without writing and parsing its XML; the values
     must be exactly those of the XML round trip (numbers as text, a one-item list as its item,
@@ -431,6 +430,7 @@ def test_meta_is_read_as_its_xml_would_be_read_back():
     assert expected["InversionTime"] == "105.5" and expected["One"] == "x" and expected["Empty"] is None
     decoded = decode_image(read_frame(io.BytesIO(pack_image(im))))
     assert meta_dict(decoded) == expected
+
 
 # ------------------------------------------------------------------------------ position = first pixel
 def _with_positions_as_first_pixels(images):
