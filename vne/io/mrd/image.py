@@ -13,7 +13,6 @@ Images written by python-ismrmrd-server's dicom2mrd.py (a ``DicomJson`` meta) ar
 """
 from __future__ import annotations
 
-import logging
 from typing import cast
 
 import ismrmrd
@@ -22,9 +21,6 @@ import numpy as np
 from ...errors import InputError
 from ...exam.data import Geometry, MRImage, Role
 from .dicom2mrd import DICOM_JSON_KEY, complete_meta, dicom_json, geometry_from_dicom_json, normalise_meta, rescaled_pixels
-
-# One logger for the whole of vne.io.mrd: log lines read as they did before it was split.
-log = logging.getLogger("vne.io.mrd")
 
 PHYSIO_TICK_MS = 2.5  # one ``physiology_time_stamp`` tick, ms
 EMITTABLE_DTYPES = (np.uint16, np.int16, np.float32, np.complex64)
@@ -119,22 +115,13 @@ def _as_on_the_wire(value):
 
 
 def meta_dict(mrd: ismrmrd.Image) -> dict:
-    """The image's meta as a dict of strings / lists of strings (empty if absent or bad).
+    """The image's meta as a dict of strings / lists of strings (empty if it has none).
 
-    The values are those of the meta's XML read back, but taken from the image's
-    ``ismrmrd.Meta`` without writing and parsing that XML again (~0.2 ms an image)."""
-    meta = getattr(mrd, "meta", None)
-    if isinstance(meta, dict):
-        return {str(k): _as_on_the_wire(v) for k, v in meta.items()}
-    text = mrd.attribute_string
-    if not text:
-        return {}
-    try:
-        m = ismrmrd.Meta.deserialize(text)
-    except Exception:
-        log.warning("image %d of series %d: unreadable meta attributes ignored", mrd.image_index, mrd.image_series_index)
-        return {}
-    return {k: m[k] for k in m.keys()}
+    ``ismrmrd.Image`` parses its meta XML when it is built (from bytes, a file or a string;
+    unreadable XML fails there), and ``attribute_string`` only writes that ``ismrmrd.Meta`` out
+    again. So the values are taken from the ``ismrmrd.Meta``, as its XML would read back
+    (:func:`_as_on_the_wire`), without writing and parsing the XML (~0.2 ms an image)."""
+    return {str(k): _as_on_the_wire(v) for k, v in mrd.meta.items()}
 
 
 def from_mrd(mrd: ismrmrd.Image, study: tuple[str, str, str] = ("", "", ""), rules=None, source: str = "") -> MRImage:
